@@ -1,0 +1,113 @@
+"""Settings: defaults from config/default.toml, overridden by a TOML file, environment
+variables (FHIR_RERANK_*) and explicit values, in that order. Nothing is read at import time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.toml"
+DEFAULT_FIXTURES = PROJECT_ROOT / "fhir_fixtures"
+ENV_PREFIX = "FHIR_RERANK_"
+
+
+@dataclass
+class Settings:
+    fhir_base_url: str = ""
+    fhir_data: str = ""
+    fhir_timeout: float = 30.0
+    fhir_retries: int = 3
+    fhir_backoff: float = 0.5
+    fhir_max_pages: int = 50
+    fhir_page_size: int = 200
+    max_resources: int = 5000
+    max_attachment_bytes: int = 1_000_000
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str = ""
+    default_count: int = 20
+    max_count: int = 200
+    recall: int = 100
+    max_recall: int = 1000
+    reranker: str = "qwen3"
+    model: str = "0.6B"
+    models_allowed: list[str] = field(default_factory=lambda: ["0.6B"])
+    device: str = "auto"
+    dtype: str = "auto"
+    max_length: int = 8192
+    batch_tokens: int = 16384
+    instruction: str = ("Given a clinician's question about a patient, retrieve the parts of "
+                        "the patient's record that answer it")
+    reranker_required: bool = False
+    redis_url: str = ""
+    sync_wait: float = 30.0
+    result_expires: int = 3600
+    task_soft_time_limit: int = 600
+    task_time_limit: int = 660
+    inprocess_workers: int = 2
+    payload_key: str = ""
+
+    def data_dir(self) -> Path:
+        return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn an environment/TOML value into the type of the named setting."""
+    default = getattr(Settings(), name)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"setting {name}: {value!r} is not a boolean (use true or false)")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {name}: {value!r} is not an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {name}: {value!r} is not a number") from None
+    if isinstance(default, list):
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    return str(value)
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the defaults file, FHIR_RERANK_CONFIG, the environment and overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    files = [DEFAULT_CONFIG]
+    if env.get(ENV_PREFIX + "CONFIG"):
+        files.append(Path(env[ENV_PREFIX + "CONFIG"]))
+    for path in files:
+        if path.exists():
+            with path.open("rb") as fh:
+                values.update(tomllib.load(fh))
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see config/default.toml")
+    return Settings(**{name: _coerce(name, value) for name, value in values.items()})

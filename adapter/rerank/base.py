@@ -1,0 +1,38 @@
+"""The reranker interface every backend implements (one file per backend)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class ScoreReport:
+    """Side facts about the last `score` call that the API turns into warnings."""
+
+    truncated_docs: int = 0          # documents cut to fit max_length
+    truncated_tokens: int = 0        # tokens dropped from them in total
+    empty_docs: list[int] = field(default_factory=list)  # input positions of empty documents
+
+
+class Reranker(ABC):
+    """`score(query, texts, instruction=None) -> list[float]` in the input order, each in [0, 1]."""
+
+    name: str = "base"
+    #: True when scores come from a model; False for BM25-only order.
+    is_model: bool = False
+
+    def __init__(self) -> None:
+        self.last_report = ScoreReport()
+
+    @abstractmethod
+    def score(self, query: str, texts: list[str], instruction: str | None = None, *,
+              on_progress: Callable[[int, int], None] | None = None) -> list[float]:
+        """Relevance of each text to the query, in the input order.
+
+        `on_progress(done, total)` is called as documents are scored (for job progress).
+        After the call, `self.last_report` describes truncation and empty documents.
+        """
+
+    def describe(self) -> str:
+        return self.name
