@@ -19,6 +19,13 @@ class FhirSource(ABC):
                authorization: str | None = None, limit: int | None = None) -> FetchResult:
         """All matching resources (following paging), up to `limit`."""
 
+    def search_many(self, searches: list[tuple[str, list[tuple[str, str]]]],
+                    authorization: str | None = None,
+                    limit: int | None = None) -> dict[str, FetchResult]:
+        """Several searches (one per resource type); sources may run them concurrently."""
+        return {rtype: self.search(rtype, params, authorization, limit)
+                for rtype, params in searches}
+
     @abstractmethod
     def patient_exists(self, patient_id: str, authorization: str | None = None) -> bool:
         """True when Patient/<id> is known upstream (used to answer 404 for unknown patients)."""

@@ -1,0 +1,61 @@
+"""Reranker backends and the per-process registry that loads each model once.
+
+`get_reranker(settings, model)` returns the backend named by `settings.reranker`:
+"none" → BM25 order; "qwen3" → the Qwen3-Reranker engine for `model` (a tier alias, a
+Hugging Face id or a local directory). A model that cannot be loaded either raises
+(`reranker_required = true`) or degrades to BM25 order with `fallback_reason` set, which
+the pipeline turns into a warning in every Bundle.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from adapter.config import Settings
+from adapter.errors import BadRequest, ModelLoadError
+from adapter.rerank.base import Reranker, ScoreReport
+from adapter.rerank.bm25_only import BM25OnlyReranker
+
+__all__ = ["Reranker", "ScoreReport", "get_reranker", "reset_rerankers", "BACKENDS"]
+
+log = logging.getLogger(__name__)
+BACKENDS = ("qwen3", "none")
+_cache: dict[tuple, Reranker] = {}
+_lock = threading.Lock()
+
+
+def _load(settings: Settings, model: str) -> Reranker:
+    if settings.reranker == "none":
+        return BM25OnlyReranker()
+    if settings.reranker != "qwen3":
+        raise BadRequest(f"unknown reranker {settings.reranker!r}; use one of {', '.join(BACKENDS)}")
+    from adapter.rerank.qwen3 import Qwen3Reranker  # torch/transformers only when needed
+
+    try:
+        return Qwen3Reranker(model, device=settings.device, dtype=settings.dtype,
+                             max_length=settings.max_length, batch_tokens=settings.batch_tokens,
+                             instruction=settings.instruction)
+    except ModelLoadError as exc:
+        if settings.reranker_required:
+            raise
+        log.warning("reranker unavailable, serving BM25 order: %s", exc.message)
+        fallback = BM25OnlyReranker()
+        fallback.fallback_reason = exc.message  # type: ignore[attr-defined]
+        return fallback
+
+
+def get_reranker(settings: Settings, model: str | None = None) -> Reranker:
+    """The process-wide reranker for (backend, model, device, dtype, …), loaded once."""
+    model = model or settings.model
+    key = (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
+           settings.batch_tokens, settings.instruction, settings.reranker_required)
+    with _lock:
+        if key not in _cache:
+            _cache[key] = _load(settings, model)
+        return _cache[key]
+
+
+def reset_rerankers() -> None:
+    """Forget loaded models (tests)."""
+    with _lock:
+        _cache.clear()

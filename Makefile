@@ -1,0 +1,48 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each sets itself up idempotently.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := tests/fhir_server/node_modules/.installed
+PORT ?= 8080
+DEMO_PATIENT := 79a66c97-6131-3213-f3c9-4606946ab056
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup node redis bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: a bare `torch` would pull a multi-GB CUDA build (see README).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps dashscope==2.0.2
+	touch $(STAMP)
+
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): tests/fhir_server/package-lock.json
+	cd tests/fhir_server && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
+
+demo: setup
+	@echo "Serving the adapter over fhir_fixtures/ on http://127.0.0.1:$(PORT)/fhir — try:"
+	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Condition?patient=$(DEMO_PATIENT)&_content=heart%20problems&_count=3'"
+	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=emergency%20visit%20for%20breathing&_count=3'"
+	$(VENV)/bin/fhir-rerank serve --port $(PORT)
+
+test: setup node redis
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup node
+	$(PY) bench/e2e.py
+
+clean:
+	rm -rf $(VENV) tests/fhir_server/node_modules tests/.tiny-model

@@ -1,0 +1,36 @@
+"""FHIR Rerank Adapter: search a patient's FHIR record by meaning.
+
+`create_app(config=None)` builds the Flask app; nothing is read or loaded at import time.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from adapter.config import Settings
+    from adapter.fhir.source import FhirSource
+
+__version__ = "0.1.0"
+
+
+def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
+               source: "FhirSource | None" = None) -> "Flask":
+    """Build the app from Settings (or a mapping of overrides on top of config/ and the env)."""
+    from flask import Flask
+
+    from adapter.api.errors import register_error_handlers
+    from adapter.api.routes import bp
+    from adapter.api.state import AppState
+    from adapter.config import Settings, load_settings
+    from adapter.fhir import make_source
+
+    settings = config if isinstance(config, Settings) else load_settings(config)
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["fhir_rerank"] = AppState(settings, source or make_source(settings))
+    register_error_handlers(app)
+    app.register_blueprint(bp)
+    return app
+

@@ -1,0 +1,60 @@
+"""The one place errors become OperationOutcomes (no view builds error JSON by hand)."""
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+
+from flask import Flask, Response, json
+from werkzeug.exceptions import HTTPException
+
+from adapter.errors import AdapterError
+from adapter.fhir.bundle import operation_outcome
+from adapter.models import Outcome
+
+log = logging.getLogger(__name__)
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+
+_HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
+
+
+def fhir_response(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status=status, headers=headers or {}, mimetype=None,
+                    content_type=FHIR_JSON)
+
+
+def outcome_response(status: int, code: str, message: str, *, expression: str | None = None,
+                     severity: str = "error", headers: dict[str, str] | None = None,
+                     id_: str | None = None) -> Response:
+    expr = (expression,) if expression else ()
+    body = operation_outcome([Outcome(severity, code, message, expr)], id_=id_)
+    return fhir_response(body, status, headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(AdapterError)
+    def _adapter_error(exc: AdapterError) -> Response:
+        log.info("answered %s %s", exc.status, type(exc).__name__)
+        return outcome_response(exc.status, exc.code, exc.message, expression=exc.expression,
+                                headers=exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "invalid" if status < 500 else "exception")
+        message = exc.description or exc.name
+        if status == 404:
+            message = ("no such endpoint; see /fhir/metadata for the resource types and "
+                       "operations served")
+        return outcome_response(status, code, message)
+
+    @app.errorhandler(Exception)
+    def _bug(exc: Exception) -> Response:
+        incident = uuid.uuid4().hex[:12]
+        # The log gets the exception type and the frames, not its message (it may quote
+        # patient data); the caller gets the incident id only.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("internal error %s: %s\n%s", incident, type(exc).__name__, frames)
+        return outcome_response(500, "exception",
+                                f"internal error {incident}; the server log has the details "
+                                "under this id", id_=incident)

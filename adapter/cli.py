@@ -1,0 +1,175 @@
+"""`fhir-rerank`: serve the API, run a worker, search from the shell, make a tiny model."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from adapter.config import load_settings
+
+log = logging.getLogger("adapter")
+
+
+def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return load_settings(overrides)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fhir-base-url", dest="fhir_base_url",
+                        help="a live FHIR R4 server (env FHIR_RERANK_FHIR_BASE_URL)")
+    parser.add_argument("--fhir-data", dest="fhir_data",
+                        help="directory of FHIR Bundles (*.json) / Bulk NDJSON (*.ndjson)")
+    parser.add_argument("--reranker", choices=["qwen3", "none"],
+                        help="qwen3 (default) or none (BM25 order)")
+    parser.add_argument("--model", help="0.6B | 4B | 8B | a Hugging Face id | a local directory")
+    parser.add_argument("--device", help="auto | cuda | cpu | mps")
+    parser.add_argument("--redis-url", dest="redis_url",
+                        help="Celery broker/results; empty = run jobs in-process")
+
+
+COMMON = ("fhir_base_url", "fhir_data", "reranker", "model", "device", "redis_url")
+
+
+class _QuietHandler:
+    """werkzeug request handler that logs method, path and status — never the query string."""
+
+    @staticmethod
+    def make() -> type:
+        from werkzeug.serving import WSGIRequestHandler
+
+        class Handler(WSGIRequestHandler):
+            def log_request(self, code: Any = "-", size: Any = "-") -> None:
+                path = self.path.split("?", 1)[0]
+                logging.getLogger("adapter.access").info("%s %s %s", self.command, path, code)
+
+        return Handler
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    from adapter import create_app
+    from adapter.errors import ModelLoadError
+    from adapter.rerank import get_reranker
+
+    settings = _settings_from(args, COMMON + ("host", "port"))
+    app = create_app(settings)
+    source = app.extensions["fhir_rerank"].source
+    log.info("FHIR source: %s", source.describe())
+    if not settings.redis_url:
+        try:
+            reranker = get_reranker(settings)
+        except ModelLoadError as exc:
+            log.error("refusing to start (reranker_required=true): %s", exc.message)
+            return 2
+        fallback = getattr(reranker, "fallback_reason", None)
+        log.info("reranker: %s", "BM25 order (no model: %s)" % fallback if fallback
+                 else reranker.describe())
+    else:
+        log.info("reranking on Celery workers via %s", settings.redis_url.split("@")[-1])
+    server = make_server(settings.host, settings.port, app, threaded=True,
+                         request_handler=_QuietHandler.make())
+    log.info("serving http://%s:%s/fhir", settings.host, server.port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from adapter.worker import run_worker
+
+    settings = _settings_from(args, COMMON)
+    tiers = [t.strip() for t in (args.tiers or settings.model).split(",") if t.strip()]
+    run_worker(settings, tiers, concurrency=args.concurrency, pool=args.pool,
+               loglevel=args.loglevel)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from adapter.api.params import parse_search
+    from adapter.fhir import make_source
+    from adapter.pipeline import LinkContext, run_search
+    from adapter.rerank import get_reranker
+
+    settings = _settings_from(args, COMMON)
+    pairs = [("query", args.query)] + [("_type", t) for t in args.type or []]
+    if args.patient:
+        pairs.append(("patient", args.patient))
+    pairs.append(("_count", str(args.count)))
+    parsed = parse_search(pairs, settings, types=None, strict=True, query_param="query")
+    links = LinkContext("urn:fhir-rerank:cli", "$rerank", parsed.used)
+    bundle = run_search(parsed.request, make_source(settings),
+                        get_reranker(settings, parsed.request.model), settings, links)
+    json.dump(bundle, sys.stdout, indent=2 if args.pretty else None)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from adapter.rerank.tiny import make_tiny_model
+
+    path = make_tiny_model(args.out_dir, seed=args.seed, tie_word_embeddings=not args.untied)
+    log.info("wrote a tiny random-weight Qwen3 reranker to %s", path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fhir-rerank", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the FHIR API")
+    _add_common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for some model tiers")
+    _add_common(worker)
+    worker.add_argument("--tiers", help="comma-separated tiers to serve (default: --model)")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--pool", default="prefork")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    search = sub.add_parser("search", help="run one $rerank search and print the Bundle")
+    _add_common(search)
+    search.add_argument("query")
+    search.add_argument("--patient")
+    search.add_argument("--type", action="append", help="DocumentReference, Observation, Condition")
+    search.add_argument("--count", type=int, default=10)
+    search.add_argument("--pretty", action="store_true")
+    search.set_defaults(func=cmd_search)
+
+    tiny = sub.add_parser("make-tiny-model",
+                          help="write a tiny random-weight Qwen3 reranker (smoke tests)")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--untied", action="store_true", help="untied lm_head, like the 8B")
+    tiny.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from adapter.errors import AdapterError
+
+    try:
+        return args.func(args)
+    except AdapterError as exc:
+        log.error("%s", exc.message)
+        return 2
+    except ValueError as exc:  # bad settings
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""FHIR answers built by the adapter: searchset Bundles and OperationOutcomes."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterable
+from urllib.parse import urlencode
+
+from adapter.models import Outcome, Scored
+
+
+def operation_outcome(issues: Iterable[Outcome], *, id_: str | None = None) -> dict[str, Any]:
+    """An OperationOutcome resource holding the given issues."""
+    body: dict[str, Any] = {"resourceType": "OperationOutcome",
+                            "issue": [_issue_json(o) for o in issues]}
+    if id_:
+        body["id"] = id_
+    return body
+
+
+def _issue_json(outcome: Outcome) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": outcome.severity, "code": outcome.code,
+                             "diagnostics": outcome.diagnostics}
+    if outcome.expression:
+        issue["expression"] = list(outcome.expression)
+    return issue
+
+
+def page_url(base: str, endpoint: str, params: list[tuple[str, str]], offset: int,
+             count: int) -> str:
+    """The URL of one page of a ranked result: the parameters used, plus paging and _sort."""
+    keep = [(k, v) for k, v in params if k not in ("_offset", "_count", "_sort")]
+    keep += [("_count", str(count)), ("_offset", str(offset)), ("_sort", "_score")]
+    return f"{base.rstrip('/')}/{endpoint.lstrip('/')}?{urlencode(keep)}"
+
+
+def searchset(ranked: list[Scored], *, base: str, endpoint: str,
+              params: list[tuple[str, str]], count: int, offset: int,
+              outcomes: list[Outcome] | None = None) -> dict[str, Any]:
+    """A searchset Bundle for one page of a relevance-ordered list.
+
+    `ranked` is the whole ranked list (best first); the page is ranked[offset:offset+count].
+    Entries carry `fullUrl` (the upstream URL), `search.mode=match` and `search.score`.
+    Warnings travel as one OperationOutcome entry with `search.mode=outcome`.
+    """
+    total = len(ranked)
+    page = ranked[offset:offset + count]
+    links = [{"relation": "self", "url": page_url(base, endpoint, params, offset, count)}]
+    if offset > 0:
+        links.append({"relation": "first", "url": page_url(base, endpoint, params, 0, count)})
+        links.append({"relation": "previous",
+                      "url": page_url(base, endpoint, params, max(0, offset - count), count)})
+    if offset + count < total:
+        links.append({"relation": "next",
+                      "url": page_url(base, endpoint, params, offset + count, count)})
+    entries: list[dict[str, Any]] = []
+    for item in page:
+        doc = item.document
+        entries.append({
+            "fullUrl": doc.full_url or f"{doc.id}",
+            "resource": doc.resource,
+            "search": {"mode": "match", "score": float(item.score)},
+        })
+    if outcomes:
+        entries.append({
+            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+            "resource": operation_outcome(outcomes),
+            "search": {"mode": "outcome"},
+        })
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": entries,
+    }

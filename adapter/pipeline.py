@@ -1,0 +1,164 @@
+"""The one pipeline every entry point runs: fetch → flatten → recall → rerank → Bundle.
+
+It is split in two halves so the expensive half can run as a Celery task:
+
+- `prepare_search` (API process: it holds the caller's Authorization header) fetches the
+  resources, flattens them and keeps the BM25 candidates. Its result is plain JSON.
+- `rank_prepared` (a worker, or in-process) scores the candidates with the reranker and
+  returns the searchset Bundle. It needs nothing but that JSON and a reranker.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from adapter.config import Settings
+from adapter.errors import NotFound, UpstreamNotFound
+from adapter.fhir.bundle import searchset
+from adapter.fhir.flatten import flatten_documents
+from adapter.fhir.source import FhirSource
+from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
+from adapter.rerank.base import Reranker
+from adapter.search.bm25 import recall as bm25_recall
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinkContext:
+    """Where the answer lives, for the Bundle's self/next/previous links."""
+
+    base: str                      # e.g. "http://127.0.0.1:8080/fhir"
+    endpoint: str                  # e.g. "Observation" or "$rerank"
+    params: list[tuple[str, str]] = field(default_factory=list)  # parameters actually used
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base, "endpoint": self.endpoint,
+                "params": [list(p) for p in self.params]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LinkContext":
+        return cls(data["base"], data["endpoint"], [tuple(p) for p in data["params"]])
+
+
+def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
+    """The FHIR search parameters sent upstream for one type: patient plus the filters."""
+    params: list[tuple[str, str]] = []
+    if request.patient:
+        params.append(("patient", request.patient))
+    params.extend(request.filters)
+    return params
+
+
+def collect_documents(request: SearchRequest, source: FhirSource,
+                      settings: Settings) -> tuple[list[Document], list[Outcome], int]:
+    """Fetch the requested types concurrently and flatten them.
+
+    Returns (documents, outcomes, number of resources fetched). An unknown patient is a 404.
+    """
+    searches = [(t, upstream_params(request, t)) for t in request.types]
+    limit = settings.max_resources
+    results: dict[str, FetchResult] = source.search_many(
+        searches, authorization=request.authorization, limit=limit)
+    outcomes: list[Outcome] = []
+    documents: list[Document] = []
+    fetched = 0
+    attachment_loader = _attachment_loader(source, request.authorization)
+    for resource_type in request.types:
+        result = results[resource_type]
+        outcomes.extend(result.outcomes)
+        fetched += len(result.resources)
+        docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
+                                                attachment_loader=attachment_loader)
+        documents.extend(d for d in docs if d.type == resource_type)
+        outcomes.extend(flat_outcomes)
+    if request.patient and not documents:
+        try:
+            exists = source.patient_exists(request.patient, request.authorization)
+        except UpstreamNotFound:
+            exists = False
+        if not exists:
+            raise NotFound(f"Patient/{request.patient} is not known to the FHIR server; "
+                           "check the `patient` parameter", expression="patient")
+    if fetched >= limit:
+        outcomes.append(Outcome("warning", "incomplete",
+                                f"stopped at {limit} resources (max_resources); narrow the search "
+                                "with date, category or code, or raise FHIR_RERANK_MAX_RESOURCES"))
+    return documents, outcomes, fetched
+
+
+def _attachment_loader(source: FhirSource, authorization: str | None
+                       ) -> Callable[[str], tuple[str, bytes] | None]:
+    def load(url: str) -> tuple[str, bytes] | None:
+        return source.fetch_attachment(url, authorization)
+    return load
+
+
+def prepare_search(request: SearchRequest, source: FhirSource, settings: Settings,
+                   links: LinkContext) -> dict[str, Any]:
+    """Fetch, flatten and recall; return the JSON payload that `rank_prepared` consumes."""
+    documents, outcomes, fetched = collect_documents(request, source, settings)
+    candidates = bm25_recall(request.query, documents, request.recall) if documents else []
+    if len(documents) > len(candidates):
+        outcomes.append(Outcome(
+            "information", "informational",
+            f"{len(documents)} resources matched; the {len(candidates)} best by BM25 were "
+            f"reranked (recall={request.recall}); raise `recall` to rerank more",
+            ("recall",)))
+    return {
+        "request": request.to_json(),
+        "links": links.to_json(),
+        "candidates": [{"document": d.to_json(), "recall_score": float(s)} for d, s in candidates],
+        "outcomes": [o.to_json() for o in outcomes],
+        "fetched": fetched,
+    }
+
+
+def rank_prepared(payload: dict[str, Any], reranker: Reranker,
+                  on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Score the prepared candidates with `reranker` and build the searchset Bundle."""
+    req = payload["request"]
+    links = LinkContext.from_json(payload["links"])
+    outcomes = [Outcome.from_json(o) for o in payload["outcomes"]]
+    docs = [Document.from_json(c["document"]) for c in payload["candidates"]]
+    recall_scores = [c["recall_score"] for c in payload["candidates"]]
+    scores: list[float] = []
+    if docs:
+        scores = reranker.score(req["query"], [d.text for d in docs],
+                                instruction=req.get("instruction"), on_progress=on_progress)
+        if len(scores) != len(docs):
+            raise RuntimeError(f"reranker {reranker.name} returned {len(scores)} scores "
+                               f"for {len(docs)} documents")
+        outcomes.extend(_report_outcomes(reranker))
+    elif on_progress:
+        on_progress(0, 0)
+    fallback = getattr(reranker, "fallback_reason", None)
+    if fallback:
+        outcomes.append(Outcome("warning", "processing",
+                                f"results are in BM25 order, not reranked: {fallback}"))
+    ranked = [Scored(d, s, r) for d, s, r in zip(docs, scores, recall_scores)]
+    ranked.sort(key=lambda item: (-item.score, item.document.id))
+    return searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,
+                     count=req["count"], offset=req["offset"], outcomes=outcomes)
+
+
+def _report_outcomes(reranker: Reranker) -> list[Outcome]:
+    report = reranker.last_report
+    out: list[Outcome] = []
+    if report.truncated_docs:
+        out.append(Outcome("warning", "too-long",
+                           f"{report.truncated_docs} document(s) were longer than the model's "
+                           f"max_length and were cut ({report.truncated_tokens} tokens dropped); "
+                           "their scores only reflect the start of the text"))
+    if report.empty_docs:
+        out.append(Outcome("information", "informational",
+                           f"{len(report.empty_docs)} document(s) had no text; they were scored "
+                           "as empty documents"))
+    return out
+
+
+def run_search(request: SearchRequest, source: FhirSource, reranker: Reranker,
+               settings: Settings, links: LinkContext) -> dict[str, Any]:
+    """The whole pipeline in one call (CLI, in-process use)."""
+    return rank_prepared(prepare_search(request, source, settings, links), reranker)
