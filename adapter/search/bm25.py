@@ -1,0 +1,105 @@
+"""BM25 recall over flattened documents (rank-bm25's Okapi BM25, k1=1.5, b=0.75, epsilon=0).
+
+With epsilon=0 a term found in more than half of the documents has idf 0 (rank-bm25 floors
+negative idfs at epsilon × mean idf), so it neither helps nor hurts; these settings give the same
+scores as bm25s' "atire" method with "robertson" idf. rank-bm25 divides by zero on an empty
+corpus and on a corpus whose documents are all empty: `BM25Index` scores those as all 0.0.
+
+Recall never drops a document it does not have to: when the documents fit in `k`, all of them
+come back (in BM25 order). Ties are broken by document id, so the order is deterministic.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from typing import Sequence
+
+from rank_bm25 import BM25Okapi
+
+from adapter.errors import BadRequest
+from adapter.models import Document
+from adapter.search.tokenize import tokenize
+
+log = logging.getLogger(__name__)
+
+K1, B, EPSILON = 1.5, 0.75, 0.0
+
+
+class BM25Index:
+    """A BM25 index over a fixed list of texts; `scores(query)` gives raw BM25 in input order."""
+
+    def __init__(self, texts: Sequence[str] = (), *,
+                 tokenized: Sequence[list[str]] | None = None) -> None:
+        corpus = list(tokenized) if tokenized is not None else [tokenize(t or "") for t in texts]
+        self.size = len(corpus)
+        self._okapi: BM25Okapi | None = None
+        if any(corpus):  # rank-bm25 cannot take an empty corpus or one with no tokens at all
+            self._okapi = BM25Okapi(corpus, k1=K1, b=B, epsilon=EPSILON)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def scores(self, query: str) -> list[float]:
+        """Raw BM25 score of every document for `query`, in input order (0.0 = no match)."""
+        if self._okapi is None:
+            return [0.0] * self.size
+        idf = self._okapi.idf
+        # Terms with no idf (absent, or in over half the documents) add exactly 0: skip them.
+        terms = [t for t in tokenize(query) if idf.get(t, 0.0) > 0.0]
+        if not terms:
+            return [0.0] * self.size
+        return [float(s) for s in self._okapi.get_scores(terms)]
+
+
+def bm25_scores(query: str, texts: list[str]) -> list[float]:
+    """Raw BM25 scores of `texts` for `query`, in input order."""
+    return BM25Index(texts).scores(query)
+
+
+def normalise_scores(scores: list[float]) -> list[float]:
+    """Map scores to [0, 1], 1 = best, monotone and deterministic.
+
+    Non-negative scores (BM25's case) are divided by the best one, so 0.0 keeps meaning "no
+    match" and 1.0 is the best document. Scores with negatives are min-max scaled. When every
+    finite score is equal there is no evidence either way and each gets 0.5. +inf → 1.0;
+    -inf and NaN → 0.0.
+    """
+    finite = [s for s in scores if math.isfinite(s)]
+    out: list[float] = []
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    for s in scores:
+        if math.isnan(s) or s == -math.inf:
+            out.append(0.0)
+        elif s == math.inf:
+            out.append(1.0)
+        elif high == low:
+            out.append(0.5)
+        elif low >= 0.0:
+            out.append(s / high)
+        else:
+            out.append((s - low) / (high - low))
+    return out
+
+
+def recall(query: str, documents: list[Document], k: int) -> list[tuple[Document, float]]:
+    """The `k` best documents by BM25 as (document, raw score), best first, ties by id.
+
+    When `len(documents) <= k` every document is returned (ordered, none dropped).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise BadRequest(f"recall of {k!r} is not a positive whole number; ask for at least 1 "
+                         "candidate (e.g. recall=100)", expression="recall")
+    if not documents:
+        return []
+    scores = BM25Index([d.text for d in documents]).scores(query)
+
+    def rank_key(i: int) -> tuple[float, str]:
+        return (-scores[i], documents[i].id)
+
+    if len(documents) <= k:
+        order = sorted(range(len(documents)), key=rank_key)
+    else:
+        order = heapq.nsmallest(k, range(len(documents)), key=rank_key)
+    log.debug("bm25 recall: %d of %d documents kept", len(order), len(documents))
+    return [(documents[i], scores[i]) for i in order]
