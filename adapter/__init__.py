@@ -20,17 +20,23 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     """Build the app from Settings (or a mapping of overrides on top of config/ and the env)."""
     from flask import Flask
 
+    from adapter.api.async_routes import bp as async_bp
     from adapter.api.errors import register_error_handlers
     from adapter.api.routes import bp
     from adapter.api.state import AppState
     from adapter.config import Settings, load_settings
     from adapter.fhir import make_source
+    from adapter.pipeline import apply_cache_size
+    from adapter.jobs import make_job_runner
 
     settings = config if isinstance(config, Settings) else load_settings(config)
+    apply_cache_size(settings.doc_cache_size)
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["fhir_rerank"] = AppState(settings, source or make_source(settings))
+    app.extensions["fhir_rerank"] = AppState(settings, source or make_source(settings),
+                                             jobs=make_job_runner(settings))
     register_error_handlers(app)
     app.register_blueprint(bp)
+    app.register_blueprint(async_bp)
     return app
 

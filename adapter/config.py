@@ -27,6 +27,7 @@ class Settings:
     fhir_page_size: int = 200
     max_resources: int = 5000
     max_attachment_bytes: int = 1_000_000
+    doc_cache_size: int = 10000
     host: str = "127.0.0.1"
     port: int = 8080
     public_base_url: str = ""
@@ -51,6 +52,10 @@ class Settings:
     task_time_limit: int = 660
     inprocess_workers: int = 2
     payload_key: str = ""
+    model_queues: list[str] = field(default_factory=list)
+    broker_visibility_timeout: int = 3600
+    redis_timeout: float = 2.0
+    task_max_retries: int = 3
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES

@@ -16,10 +16,11 @@ from typing import Any, Callable
 from adapter.config import Settings
 from adapter.errors import NotFound, UpstreamNotFound
 from adapter.fhir.bundle import searchset
-from adapter.fhir.flatten import flatten_documents
+from adapter.fhir.flatten import FLATTEN_CACHE, flatten_documents
 from adapter.fhir.source import FhirSource
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker
+from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
 from adapter.search.bm25 import recall as bm25_recall
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ class LinkContext:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LinkContext":
         return cls(data["base"], data["endpoint"], [tuple(p) for p in data["params"]])
+
+
+def apply_cache_size(entries: int) -> None:
+    """Bound the per-process caches of flattened text and BM25 tokens (0 turns them off)."""
+    FLATTEN_CACHE.resize(entries)
+    TOKEN_CACHE.resize(entries)
+    INDEX_CACHE.resize(32 if entries > 0 else 0)
 
 
 def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
@@ -81,10 +89,6 @@ def collect_documents(request: SearchRequest, source: FhirSource,
         if not exists:
             raise NotFound(f"Patient/{request.patient} is not known to the FHIR server; "
                            "check the `patient` parameter", expression="patient")
-    if fetched >= limit:
-        outcomes.append(Outcome("warning", "incomplete",
-                                f"stopped at {limit} resources (max_resources); narrow the search "
-                                "with date, category or code, or raise FHIR_RERANK_MAX_RESOURCES"))
     return documents, outcomes, fetched
 
 
@@ -99,6 +103,9 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
                    links: LinkContext) -> dict[str, Any]:
     """Fetch, flatten and recall; return the JSON payload that `rank_prepared` consumes."""
     documents, outcomes, fetched = collect_documents(request, source, settings)
+    for doc in documents:  # sources without URLs of their own (files) give "Type/id"
+        if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
+            doc.full_url = f"{links.base}/{doc.full_url}"
     candidates = bm25_recall(request.query, documents, request.recall) if documents else []
     if len(documents) > len(candidates):
         outcomes.append(Outcome(

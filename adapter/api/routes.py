@@ -61,6 +61,19 @@ def type_search(resource_type: str) -> Response:
                    query_param="_content")
 
 
+@bp.get("/<resource_type>/<resource_id>")
+def read_resource(resource_type: str, resource_id: str) -> Response:
+    """Read one resource from an embedded (file) source, so Bundle fullUrls resolve."""
+    read = getattr(state().source, "read", None)
+    if resource_type not in RESOURCE_TYPES or read is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not served here; read resources at "
+                       "the FHIR server named in each entry's fullUrl")
+    resource = read(resource_type, resource_id)
+    if resource is None:
+        raise NotFound(f"{resource_type}/{resource_id} is not known", expression="id")
+    return fhir_response(resource)
+
+
 @bp.route("/$rerank", methods=["GET", "POST"])
 def rerank_operation() -> Response:
     return _search(_operation_pairs(), types=None, endpoint="$rerank", query_param="query")
@@ -101,6 +114,7 @@ def _search(pairs: list[tuple[str, str]], *, types: tuple[str, ...] | None, endp
 
 
 def _answer(payload: dict[str, Any], model: str) -> Response:
-    """Rank the prepared candidates and answer (synchronously, in this process)."""
-    reranker = get_reranker(state().settings, model)
-    return fhir_response(rank_prepared(payload, reranker))
+    """Rank the prepared candidates as a job (FHIR async pattern; sync calls wait sync_wait)."""
+    from adapter.api.async_routes import answer_with_job
+
+    return answer_with_job(payload, model)

@@ -21,6 +21,7 @@ from adapter.fhir.attachments import attachment_to_text, html_to_text
 from adapter.fhir.datatypes import (AttachmentLoader, annotation_text, as_list, choice_text,
                                     concept_short, concept_text, generic_text, period_text,
                                     range_text, reference_text, scalar_text)
+from adapter.lru import LRU
 from adapter.models import RESOURCE_TYPES, Document, Outcome
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,23 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
     return _safe_flatten(resource, attachment_loader)
 
 
+#: Flattened text (and R4B problems) per resource *version*: a FHIR server gives a changed
+#: resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
+#: Resources without either are never cached. Size: settings.doc_cache_size.
+FLATTEN_CACHE: LRU[tuple[str, list[str]]] = LRU(10000)
+
+
+def _version_key(resource: dict, full_url: str, validate: bool) -> tuple | None:
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        return None
+    version, updated = meta.get("versionId"), meta.get("lastUpdated")
+    if not version and not updated:
+        return None
+    return (full_url, resource.get("resourceType"), resource.get("id"), version, updated,
+            validate)
+
+
 def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
                       attachment_loader: Callable[[str], tuple[str, bytes] | None] | None = None,
                       *, validate: bool = True) -> tuple[list[Document], list[Outcome]]:
@@ -254,14 +272,20 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
             outcomes.append(Outcome("warning", "duplicate", f"Skipped a repeated {doc_id}"))
             continue
         seen.add(doc_id)
-        problems = validation_problems(resource) if validate else []
+        full_url = full_urls[index] if full_urls and index < len(full_urls) else ""
+        key = _version_key(resource, full_url, validate)
+        cached = FLATTEN_CACHE.get(key) if key else None
+        if cached is None:
+            problems = validation_problems(resource) if validate else []
+            cached = (_safe_flatten(resource, attachment_loader), problems)
+            if key:
+                FLATTEN_CACHE.put(key, cached)
+        text, problems = cached
         if problems:
             lenient.append(doc_id)
             log.info("%s is not valid FHIR R4B at %s; flattened leniently", doc_id,
                      ", ".join(sorted(set(problems))[:10]))
-        full_url = full_urls[index] if full_urls and index < len(full_urls) else ""
-        documents.append(Document(doc_id, rtype, _safe_flatten(resource, attachment_loader),
-                                  resource, full_url or ""))
+        documents.append(Document(doc_id, rtype, text, resource, full_url or ""))
     if lenient:
         shown = ", ".join(lenient[:10]) + (f" and {len(lenient) - 10} more" if len(lenient) > 10 else "")
         outcomes.append(Outcome("information", "informational",

@@ -18,6 +18,7 @@ from typing import Sequence
 from rank_bm25 import BM25Okapi
 
 from adapter.errors import BadRequest
+from adapter.lru import LRU
 from adapter.models import Document
 from adapter.search.tokenize import tokenize
 
@@ -26,12 +27,26 @@ log = logging.getLogger(__name__)
 K1, B, EPSILON = 1.5, 0.75, 0.0
 
 
+#: Tokens per document text, reused across searches over the same record.
+TOKEN_CACHE: LRU[list[str]] = LRU(10000)
+
+
+def tokenize_cached(text: str) -> list[str]:
+    """`tokenize`, remembered per text (callers must not modify the returned list)."""
+    tokens = TOKEN_CACHE.get(text)
+    if tokens is None:
+        tokens = tokenize(text)
+        TOKEN_CACHE.put(text, tokens)
+    return tokens
+
+
 class BM25Index:
     """A BM25 index over a fixed list of texts; `scores(query)` gives raw BM25 in input order."""
 
     def __init__(self, texts: Sequence[str] = (), *,
                  tokenized: Sequence[list[str]] | None = None) -> None:
-        corpus = list(tokenized) if tokenized is not None else [tokenize(t or "") for t in texts]
+        corpus = (list(tokenized) if tokenized is not None
+                  else [tokenize_cached(t or "") for t in texts])
         self.size = len(corpus)
         self._okapi: BM25Okapi | None = None
         if any(corpus):  # rank-bm25 cannot take an empty corpus or one with no tokens at all
@@ -50,6 +65,21 @@ class BM25Index:
         if not terms:
             return [0.0] * self.size
         return [float(s) for s in self._okapi.get_scores(terms)]
+
+
+#: Whole indexes per corpus: the same record searched again (another question, the next
+#: page) reuses its index. Keyed by the texts themselves; small, since each holds a corpus.
+INDEX_CACHE: LRU[BM25Index] = LRU(32)
+
+
+def index_for(texts: list[str]) -> BM25Index:
+    """The BM25 index over `texts`, built once per distinct corpus."""
+    key = tuple(texts)
+    index = INDEX_CACHE.get(key)
+    if index is None:
+        index = BM25Index(texts)
+        INDEX_CACHE.put(key, index)
+    return index
 
 
 def bm25_scores(query: str, texts: list[str]) -> list[float]:
@@ -92,7 +122,7 @@ def recall(query: str, documents: list[Document], k: int) -> list[tuple[Document
                          "candidate (e.g. recall=100)", expression="recall")
     if not documents:
         return []
-    scores = BM25Index([d.text for d in documents]).scores(query)
+    scores = index_for([d.text for d in documents]).scores(query)
 
     def rank_key(i: int) -> tuple[float, str]:
         return (-scores[i], documents[i].id)
