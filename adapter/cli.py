@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -30,6 +31,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="Celery broker/results; empty = run jobs in-process")
 
 
+_PATIENT_IN_PATH = re.compile(r"(/Patient/)[^/?]+")
 COMMON = ("fhir_base_url", "fhir_data", "reranker", "model", "device", "redis_url")
 
 
@@ -42,7 +44,7 @@ class _QuietHandler:
 
         class Handler(WSGIRequestHandler):
             def log_request(self, code: Any = "-", size: Any = "-") -> None:
-                path = self.path.split("?", 1)[0]
+                path = _PATIENT_IN_PATH.sub(r"\1*", self.path.split("?", 1)[0])
                 logging.getLogger("adapter.access").info("%s %s %s", self.command, path, code)
 
         return Handler
