@@ -66,9 +66,9 @@ def _test_patient_bundle(tag: str) -> dict:
 
 
 @pytest.fixture()
-def loaded_patient(request):
+def loaded_patient(_interop_base):
     """(FHIR base URL, patient id) of a freshly loaded test patient, deleted afterwards."""
-    base = request.getfixturevalue("_interop_base")
+    base = _interop_base
     bundle = _test_patient_bundle(uuid.uuid4().hex)
     resp = requests.post(base, json=bundle, headers=HEADERS, timeout=60)
     assert resp.status_code in (200, 201), resp.text[:500]

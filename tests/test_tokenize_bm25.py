@@ -190,3 +190,14 @@ def test_normalise_is_monotone_in_range_and_deterministic() -> None:
         pairs = sorted(zip(scores, norm))
         assert all(a[1] <= b[1] for a, b in zip(pairs, pairs[1:]))
         assert all(a[1] < b[1] for a, b in zip(pairs, pairs[1:]) if a[0] < b[0])
+
+
+def test_ranking_scores_separate_a_two_document_record():
+    from adapter.search.bm25 import ranking_scores
+
+    texts = ["Observation: Hemoglobin A1c/Hemoglobin.total in Blood 8.1 %",
+             "Observation: Heart rate 72 /min"]
+    assert bm25_scores("hemoglobin", texts) == [0.0, 0.0]  # Okapi idf is 0 here
+    scores = ranking_scores("hemoglobin a1c", texts)
+    assert scores[0] > 0.0 and scores[1] == 0.0
+    assert ranking_scores("", texts) == [0.0, 0.0] and ranking_scores("x", []) == []

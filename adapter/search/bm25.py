@@ -15,7 +15,7 @@ import logging
 import math
 from typing import Sequence
 
-from rank_bm25 import BM25Okapi
+from rank_bm25 import BM25Okapi, BM25Plus
 
 from adapter.errors import BadRequest
 from adapter.lru import LRU
@@ -85,6 +85,21 @@ def index_for(texts: list[str]) -> BM25Index:
 def bm25_scores(query: str, texts: list[str]) -> list[float]:
     """Raw BM25 scores of `texts` for `query`, in input order."""
     return BM25Index(texts).scores(query)
+
+
+def ranking_scores(query: str, texts: list[str]) -> list[float]:
+    """BM25 scores for *ordering* a small set (the `none` backend), in input order.
+
+    Okapi's idf is 0 for a term found in half the documents or more, so on a record of two
+    Observations "hemoglobin" cannot tell them apart. Ordering uses BM25+'s idf,
+    log((N + 1) / n), which stays positive, with Okapi's term-frequency part (delta = 0).
+    """
+    corpus = [tokenize_cached(t or "") for t in texts]
+    terms = tokenize(query)
+    if not any(corpus) or not terms:
+        return [0.0] * len(texts)
+    plus = BM25Plus(corpus, k1=K1, b=B, delta=0)
+    return [float(s) for s in plus.get_scores(terms)]
 
 
 def normalise_scores(scores: list[float]) -> list[float]:
