@@ -1,0 +1,117 @@
+"""The `fhir-rerank` console script as users run it: real processes, real HTTP."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG = "79a66c97-6131-3213-f3c9-4606946ab056"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_RERANK_")}
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "adapter.cli", *args]
+
+
+@pytest.fixture()
+def served(tmp_path):
+    """Start `fhir-rerank serve` on a free port; yield (base URL, log path); stop it."""
+    procs = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> tuple[str, Path]:
+        port = _free_port()
+        log = tmp_path / f"serve-{port}.log"
+        proc = subprocess.Popen(_cli("serve", "--port", str(port), *args), cwd=ROOT,
+                                env=env or _env(), stdout=log.open("w"),
+                                stderr=subprocess.STDOUT)
+        procs.append(proc)
+        base = f"http://127.0.0.1:{port}/fhir"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited {proc.returncode}: {log.read_text()}")
+            try:
+                requests.get(base + "/metadata", timeout=1)
+                return base, log
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise AssertionError(f"serve did not come up: {log.read_text()}")
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_over_fixture_files_answers_fhir(served):
+    base, log = served("--reranker", "none")
+    resp = requests.get(f"{base}/Patient/{BIG}/$rerank",
+                        params={"query": "kidney disease", "_count": 3}, timeout=30)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("application/fhir+json")
+    bundle = resp.json()
+    assert bundle["type"] == "searchset" and len([e for e in bundle["entry"]
+                                                  if e["search"]["mode"] == "match"]) == 3
+    text = log.read_text()
+    assert "GET /fhir/Patient/*/$rerank 200" in text  # access log without patient id or query
+    assert BIG not in text and "kidney" not in text
+
+
+def test_serve_without_weights_says_so_and_serves_bm25(served, tmp_path):
+    missing = str(tmp_path / "no-weights")
+    base, log = served(env=_env(FHIR_RERANK_MODEL=missing, FHIR_RERANK_MODELS_ALLOWED=missing,
+                                HF_HUB_OFFLINE="1"))
+    lines = [line for line in log.read_text().splitlines() if "reranker:" in line]
+    assert len(lines) == 1 and "BM25 order" in lines[0] and "--reranker none" in lines[0]
+    bundle = requests.get(f"{base}/Condition", params={"patient": BIG, "_content": "stress"},
+                          timeout=30).json()
+    warnings = [i["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+                for i in e["resource"]["issue"]]
+    assert any("not reranked" in w for w in warnings)
+
+
+def test_serve_refuses_to_start_when_reranker_required(tmp_path):
+    missing = str(tmp_path / "no-weights")
+    proc = subprocess.run(_cli("serve", "--port", str(_free_port())), cwd=ROOT,
+                          env=_env(FHIR_RERANK_MODEL=missing, HF_HUB_OFFLINE="1",
+                                   FHIR_RERANK_RERANKER_REQUIRED="true"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "refusing to start" in proc.stderr and missing in proc.stderr
+
+
+def test_search_command_prints_a_bundle():
+    proc = subprocess.run(_cli("search", "stress", "--patient", BIG, "--type", "Condition",
+                               "--count", "2", "--reranker", "none"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bundle = json.loads(proc.stdout)
+    entries = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    assert len(entries) == 2 and all(e["resource"]["resourceType"] == "Condition"
+                                     for e in entries)
+
+
+def test_bad_setting_is_one_clear_line():
+    proc = subprocess.run(_cli("search", "x", "--reranker", "none"), cwd=ROOT,
+                          env=_env(FHIR_RERANK_RECALL="lots"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "recall" in proc.stderr and "Traceback" not in proc.stderr
