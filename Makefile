@@ -7,6 +7,9 @@ NODE_STAMP := tests/fhir_server/node_modules/.installed
 PORT ?= 8080
 DEMO_PATIENT := 79a66c97-6131-3213-f3c9-4606946ab056
 PYTEST_ARGS ?=
+# The demo looks for Qwen3 weights in the local Hugging Face cache only (no hub retries when
+# offline); `make demo HF_HUB_OFFLINE=0` lets transformers download them.
+HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test setup node redis bench clean
 
@@ -36,7 +39,7 @@ demo: setup
 	@echo "Serving the adapter over fhir_fixtures/ on http://127.0.0.1:$(PORT)/fhir — try:"
 	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Condition?patient=$(DEMO_PATIENT)&_content=heart%20problems&_count=3'"
 	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=emergency%20visit%20for%20breathing&_count=3'"
-	$(VENV)/bin/fhir-rerank serve --port $(PORT)
+	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) $(VENV)/bin/fhir-rerank serve --port $(PORT)
 
 test: setup node redis
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -67,9 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ModelLoadError as exc:
             log.error("refusing to start (reranker_required=true): %s", exc.message)
             return 2
-        fallback = getattr(reranker, "fallback_reason", None)
-        log.info("reranker: %s", "BM25 order (no model: %s)" % fallback if fallback
-                 else reranker.describe())
+        if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
+            log.info("reranker: %s", reranker.describe())
     else:
         log.info("reranking on Celery workers via %s", settings.redis_url.split("@")[-1])
     server = make_server(settings.host, settings.port, app, threaded=True,

@@ -80,7 +80,7 @@ def test_serve_without_weights_says_so_and_serves_bm25(served, tmp_path):
     missing = str(tmp_path / "no-weights")
     base, log = served(env=_env(FHIR_RERANK_MODEL=missing, FHIR_RERANK_MODELS_ALLOWED=missing,
                                 HF_HUB_OFFLINE="1"))
-    lines = [line for line in log.read_text().splitlines() if "reranker:" in line]
+    lines = [line for line in log.read_text().splitlines() if "BM25 order" in line]
     assert len(lines) == 1 and "BM25 order" in lines[0] and "--reranker none" in lines[0]
     bundle = requests.get(f"{base}/Condition", params={"patient": BIG, "_content": "stress"},
                           timeout=30).json()

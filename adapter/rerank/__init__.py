@@ -38,7 +38,7 @@ def _load(settings: Settings, model: str) -> Reranker:
     except ModelLoadError as exc:
         if settings.reranker_required:
             raise
-        log.warning("reranker unavailable, serving BM25 order: %s", exc.message)
+        log.warning("reranker: serving BM25 order, the model is unavailable: %s", exc.message)
         fallback = BM25OnlyReranker()
         fallback.fallback_reason = exc.message  # type: ignore[attr-defined]
         return fallback
