@@ -16,7 +16,8 @@ from typing import Any, Callable
 from adapter.config import Settings
 from adapter.errors import NotFound, UpstreamNotFound
 from adapter.fhir.bundle import searchset
-from adapter.fhir.flatten import FLATTEN_CACHE, flatten_documents
+from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, flatten_documents,
+                                  validation_outcome)
 from adapter.fhir.source import FhirSource
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker
@@ -46,6 +47,7 @@ class LinkContext:
 def apply_cache_size(entries: int) -> None:
     """Bound the per-process caches of flattened text and BM25 tokens (0 turns them off)."""
     FLATTEN_CACHE.resize(entries)
+    PROBLEMS_CACHE.resize(entries)
     TOKEN_CACHE.resize(entries)
     INDEX_CACHE.resize(32 if entries > 0 else 0)
 
@@ -78,7 +80,8 @@ def collect_documents(request: SearchRequest, source: FhirSource,
         outcomes.extend(result.outcomes)
         fetched += len(result.resources)
         docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
-                                                attachment_loader=attachment_loader)
+                                                attachment_loader=attachment_loader,
+                                                validate=False)
         documents.extend(d for d in docs if d.type == resource_type)
         outcomes.extend(flat_outcomes)
     if request.patient and not documents:
@@ -107,6 +110,9 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"
     candidates = bm25_recall(request.query, documents, request.recall) if documents else []
+    lenient = validation_outcome([d for d, _ in candidates])  # R4B check, candidates only
+    if lenient:
+        outcomes.append(lenient)
     if len(documents) > len(candidates):
         outcomes.append(Outcome(
             "information", "informational",

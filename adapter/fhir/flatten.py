@@ -223,21 +223,50 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
     return _safe_flatten(resource, attachment_loader)
 
 
-#: Flattened text (and R4B problems) per resource *version*: a FHIR server gives a changed
+#: Flattened text, and R4B problems, per resource *version*: a FHIR server gives a changed
 #: resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
 #: Resources without either are never cached. Size: settings.doc_cache_size.
-FLATTEN_CACHE: LRU[tuple[str, list[str]]] = LRU(10000)
+FLATTEN_CACHE: LRU[str] = LRU(10000)
+PROBLEMS_CACHE: LRU[list[str]] = LRU(10000)
 
 
-def _version_key(resource: dict, full_url: str, validate: bool) -> tuple | None:
+def _version_key(resource: dict, full_url: str) -> tuple | None:
     meta = resource.get("meta")
     if not isinstance(meta, dict):
         return None
     version, updated = meta.get("versionId"), meta.get("lastUpdated")
     if not version and not updated:
         return None
-    return (full_url, resource.get("resourceType"), resource.get("id"), version, updated,
-            validate)
+    return (full_url, resource.get("resourceType"), resource.get("id"), version, updated)
+
+
+def _cached(cache: LRU, key: tuple | None, compute: Callable[[], Any]) -> Any:
+    value = cache.get(key) if key else None
+    if value is None:
+        value = compute()
+        if key:
+            cache.put(key, value)
+    return value
+
+
+def validation_outcome(documents: list[Document]) -> Outcome | None:
+    """One information Outcome listing the documents whose resource the R4B models reject
+    (they were flattened leniently), or None. Costs ~4x a flatten, so the pipeline runs it
+    on the reranked candidates only. Names type and id only, never content."""
+    lenient: list[str] = []
+    for doc in documents:
+        problems = _cached(PROBLEMS_CACHE, _version_key(doc.resource, doc.full_url),
+                           lambda doc=doc: validation_problems(doc.resource))
+        if problems:
+            lenient.append(doc.id)
+            log.info("%s is not valid FHIR R4B at %s; flattened leniently", doc.id,
+                     ", ".join(sorted(set(problems))[:10]))
+    if not lenient:
+        return None
+    shown = ", ".join(lenient[:10]) + (f" and {len(lenient) - 10} more" if len(lenient) > 10 else "")
+    return Outcome("information", "informational",
+                   f"{len(lenient)} resource(s) did not validate as FHIR R4 and were read "
+                   f"leniently: {shown}")
 
 
 def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
@@ -246,14 +275,12 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
     """Resources → Documents for the ranked types, plus warnings for what was skipped.
 
     Other resource types, resources without an id and repeated ids are skipped with a warning
-    Outcome. Resources the R4B models reject are flattened leniently and listed in one
-    information Outcome (`validate=False` skips that check: it costs ~4x the flatten itself).
-    Diagnostics name type and id only, never content.
+    Outcome. With `validate`, resources the R4B models reject are listed in one information
+    Outcome (see `validation_outcome`). Diagnostics name type and id only, never content.
     """
     documents: list[Document] = []
     outcomes: list[Outcome] = []
     seen: set[str] = set()
-    lenient: list[str] = []
     for index, resource in enumerate(resources):
         rtype = resource.get("resourceType") if isinstance(resource, dict) else None
         rid = scalar_text(resource.get("id")) if isinstance(resource, dict) else ""
@@ -273,22 +300,11 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
             continue
         seen.add(doc_id)
         full_url = full_urls[index] if full_urls and index < len(full_urls) else ""
-        key = _version_key(resource, full_url, validate)
-        cached = FLATTEN_CACHE.get(key) if key else None
-        if cached is None:
-            problems = validation_problems(resource) if validate else []
-            cached = (_safe_flatten(resource, attachment_loader), problems)
-            if key:
-                FLATTEN_CACHE.put(key, cached)
-        text, problems = cached
-        if problems:
-            lenient.append(doc_id)
-            log.info("%s is not valid FHIR R4B at %s; flattened leniently", doc_id,
-                     ", ".join(sorted(set(problems))[:10]))
+        text = _cached(FLATTEN_CACHE, _version_key(resource, full_url),
+                       lambda resource=resource: _safe_flatten(resource, attachment_loader))
         documents.append(Document(doc_id, rtype, text, resource, full_url or ""))
-    if lenient:
-        shown = ", ".join(lenient[:10]) + (f" and {len(lenient) - 10} more" if len(lenient) > 10 else "")
-        outcomes.append(Outcome("information", "informational",
-                                f"{len(lenient)} resource(s) did not validate as FHIR R4 and were "
-                                f"read leniently: {shown}"))
+    if validate:
+        lenient = validation_outcome(documents)
+        if lenient:
+            outcomes.append(lenient)
     return documents, outcomes
