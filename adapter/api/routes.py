@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from flask import Blueprint, Response, request
 
@@ -13,8 +12,8 @@ from adapter.api.params import check_format, parameters_to_pairs, parse_search
 from adapter.api.state import state
 from adapter.errors import BadRequest, NotAcceptable, NotFound
 from adapter.models import RESOURCE_TYPES
-from adapter.pipeline import LinkContext, prepare_search, rank_prepared
-from adapter.rerank import get_reranker
+from adapter.api.async_routes import answer_with_job
+from adapter.pipeline import LinkContext, prepare_search
 
 log = logging.getLogger(__name__)
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -110,11 +109,4 @@ def _search(pairs: list[tuple[str, str]], *, types: tuple[str, ...] | None, endp
     links = LinkContext(api_base(), endpoint, used)
     payload = prepare_search(req, app_state.source, settings, links)
     payload["outcomes"] = [o.to_json() for o in parsed.outcomes] + payload["outcomes"]
-    return _answer(payload, req.model or settings.model)
-
-
-def _answer(payload: dict[str, Any], model: str) -> Response:
-    """Rank the prepared candidates as a job (FHIR async pattern; sync calls wait sync_wait)."""
-    from adapter.api.async_routes import answer_with_job
-
-    return answer_with_job(payload, model)
+    return answer_with_job(payload, req.model or settings.model)

@@ -1,0 +1,90 @@
+"""The FHIR asynchronous request pattern over the job runner.
+
+Every search entry point answers through `answer_with_job`:
+- `Prefer: respond-async` → `202 Accepted` + `Content-Location: <base>/_async/<job-id>`;
+- otherwise the call waits up to `sync_wait` seconds for the job: `200` + Bundle when it is
+  done in time, else the same `202` answer (never a gateway timeout).
+`GET <base>/_async/<id>` → `202` + `X-Progress` + `Retry-After` while running, `200` + Bundle
+when done, the job's error as an OperationOutcome when it failed. `DELETE` → `202`, then 404.
+Only the caller that created a job (same Authorization) can read or cancel it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from adapter.api.errors import fhir_response, outcome_response
+from adapter.api.identity import caller_identity
+from adapter.api.state import state
+from adapter.jobs import JobStatus
+
+log = logging.getLogger(__name__)
+bp = Blueprint("fhir_async", __name__, url_prefix="/fhir")
+POLL_PATH = "_async"
+
+
+def _owner() -> str:
+    return caller_identity(request.headers.get("Authorization"))
+
+
+def _prefers_async() -> bool:
+    return any(part.strip().lower() == "respond-async"
+               for part in request.headers.get("Prefer", "").split(","))
+
+
+def job_url(job_id: str) -> str:
+    from adapter.api.routes import api_base
+
+    return f"{api_base()}/{POLL_PATH}/{job_id}"
+
+
+def _accepted(job_id: str, status: JobStatus | None = None) -> Response:
+    progress = status.progress_text() if status else "queued"
+    retry_after = "1" if status is not None and status.state == "running" else "2"
+    return outcome_response(
+        202, "informational",
+        f"the search is running as job {job_id}; poll the Content-Location URL for the Bundle",
+        severity="information",
+        headers={"Content-Location": job_url(job_id), "X-Progress": progress,
+                 "Retry-After": retry_after})
+
+
+def job_response(job_id: str, status: JobStatus) -> Response:
+    """The HTTP answer for a job's status: 202 + progress, 200 + Bundle, or the error."""
+    if status.state == "done" and status.bundle is not None:
+        return fhir_response(status.bundle)
+    if status.state == "failed":
+        err = status.error or {"status": 500, "code": "exception", "message": "the job failed"}
+        return outcome_response(int(err["status"]), err["code"], err["message"])
+    return _accepted(job_id, status)
+
+
+def answer_with_job(payload: dict[str, Any], model: str) -> Response:
+    """Run the prepared search as a job and answer per the FHIR async pattern (see above)."""
+    app_state = state()
+    jobs, owner = app_state.jobs, _owner()
+    job_id = jobs.submit(payload, model, owner)
+    if _prefers_async():
+        return _accepted(job_id)
+    status = jobs.wait(job_id, owner, app_state.settings.sync_wait)
+    if not status.finished:
+        log.info("job %s passed sync_wait (%.1f s); answering 202", job_id,
+                 app_state.settings.sync_wait)
+        return _accepted(job_id, status)
+    response = job_response(job_id, status)
+    jobs.forget(job_id)  # answered in full: keep no copy of the patient data around
+    return response
+
+
+@bp.get(f"/{POLL_PATH}/<job_id>")
+def poll_job(job_id: str) -> Response:
+    return job_response(job_id, state().jobs.status(job_id, _owner()))
+
+
+@bp.delete(f"/{POLL_PATH}/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    state().jobs.cancel(job_id, _owner())
+    return outcome_response(202, "informational", f"job {job_id} cancelled",
+                            severity="information")
