@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import importlib
-
-# TEMPORARY while the fixture modules are being written in parallel: import what exists.
-for _name in ("fhirserver", "fixtures_model", "fixtures_jobs"):
-    try:
-        _mod = importlib.import_module(_name)
-    except ImportError as _exc:
-        if getattr(_exc, "name", None) != _name:
-            raise
-        continue
-    globals().update({k: getattr(_mod, k) for k in getattr(_mod, "__all__", [])})
+from fhirserver import *  # noqa: F401,F403  (fhir_server, hapi_server, fhir, hapi)
+from fixtures_jobs import *  # noqa: F401,F403  (redis, celery workers)
+from fixtures_model import *  # noqa: F401,F403  (tiny_model_dir, tiny_model_dir_untied)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
