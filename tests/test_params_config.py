@@ -113,3 +113,9 @@ def test_searchset_paging_links():
                      count=3, offset=6)
     assert "next" not in {link["relation"] for link in last["link"]}
     assert [e["search"]["score"] for e in bundle["entry"]] == [0.7, 0.6, 0.5]
+
+
+def test_default_toml_and_settings_defaults_agree():
+    from adapter.config import Settings
+
+    assert load_settings(env={}) == Settings()
