@@ -293,3 +293,22 @@ def test_unloadable_model_falls_back_with_warning_or_fails_when_required(tmp_pat
     strict = make_client(reranker="qwen3", model=missing, reranker_required=True)
     assert_outcome(strict.get(f"/fhir/Condition?patient={BIG}&_content=x"), 503, "transient")
     reset_rerankers()
+
+
+def test_truncated_and_empty_documents_are_reported(tmp_path, tiny_model_dir):
+    note = "Shortness of breath on exertion. " * 200  # far longer than max_length below
+    docs = [{"resource": {"resourceType": "Condition", "id": "long",
+                          "subject": {"reference": "Patient/p1"}, "code": {"text": note}}},
+            {"resource": {"resourceType": "Condition", "id": "short",
+                          "subject": {"reference": "Patient/p1"},
+                          "code": {"text": "Asthma"}}}]
+    (tmp_path / "b.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
+                                                 "entry": docs}))
+    reset_rerankers()
+    client = make_client(fhir_data=str(tmp_path), reranker="qwen3", model=str(tiny_model_dir),
+                         device="cpu", max_length=256, models_allowed=[str(tiny_model_dir)])
+    bundle = bundle_of(client.get("/fhir/Condition?patient=p1&_content=breathless"))
+    assert bundle["total"] == 2
+    too_long = [i for i in outcome_issues(bundle) if i["code"] == "too-long"]
+    assert len(too_long) == 1 and too_long[0]["diagnostics"].startswith("1 document(s)")
+    reset_rerankers()

@@ -115,3 +115,16 @@ def test_bad_setting_is_one_clear_line():
                           env=_env(FHIR_RERANK_RECALL="lots"), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "recall" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path):
+    from adapter.rerank.qwen3 import Qwen3Reranker
+
+    out = tmp_path / "tiny"
+    proc = subprocess.run(_cli("make-tiny-model", str(out), "--seed", "3", "--untied"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["tie_word_embeddings"] is False
+    scores = Qwen3Reranker(str(out), device="cpu", dtype="float32").score("q", ["a", "b"])
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
