@@ -9,6 +9,7 @@ It is split in two halves so the expensive half can run as a Celery task:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,8 +20,9 @@ from adapter.fhir.bundle import searchset
 from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, flatten_documents,
                                   validation_outcome)
 from adapter.fhir.source import FhirSource
+from adapter.lru import LRU
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
-from adapter.rerank.base import Reranker
+from adapter.rerank.base import Reranker, ScoreReport
 from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
 from adapter.search.bm25 import recall as bm25_recall
 
@@ -50,6 +52,7 @@ def apply_cache_size(entries: int) -> None:
     PROBLEMS_CACHE.resize(entries)
     TOKEN_CACHE.resize(entries)
     INDEX_CACHE.resize(32 if entries > 0 else 0)
+    SCORE_CACHE.resize(256 if entries > 0 else 0)
 
 
 def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
@@ -138,12 +141,9 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     recall_scores = [c["recall_score"] for c in payload["candidates"]]
     scores: list[float] = []
     if docs:
-        scores = reranker.score(req["query"], [d.text for d in docs],
-                                instruction=req.get("instruction"), on_progress=on_progress)
-        if len(scores) != len(docs):
-            raise RuntimeError(f"reranker {reranker.name} returned {len(scores)} scores "
-                               f"for {len(docs)} documents")
-        outcomes.extend(_report_outcomes(reranker))
+        scores, report = _score(reranker, req["query"], req.get("instruction"), docs,
+                                on_progress)
+        outcomes.extend(_report_outcomes(report))
     elif on_progress:
         on_progress(0, 0)
     fallback = getattr(reranker, "fallback_reason", None)
@@ -156,8 +156,35 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
                      count=req["count"], offset=req["offset"], outcomes=outcomes)
 
 
-def _report_outcomes(reranker: Reranker) -> list[Outcome]:
-    report = reranker.last_report
+#: Scores of whole rankings: the next page of a result (same query, same candidates) is
+#: answered without scoring again. Keyed by the reranker instance (one per model and settings
+#: in this process) and a digest of query, instruction and the candidates' ids and texts.
+SCORE_CACHE: LRU[tuple[list[float], ScoreReport]] = LRU(256)
+
+
+def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[Document],
+           on_progress: Callable[[int, int], None] | None
+           ) -> tuple[list[float], ScoreReport]:
+    digest = hashlib.sha256()
+    for part in (query, instruction or "", *(f"{d.id}\0{d.text}" for d in docs)):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\1")
+    key = (reranker.instance_id, digest.hexdigest())
+    cached = SCORE_CACHE.get(key)
+    if cached is not None:
+        if on_progress:
+            on_progress(len(docs), len(docs))
+        return cached
+    scores = reranker.score(query, [d.text for d in docs], instruction=instruction,
+                            on_progress=on_progress)
+    if len(scores) != len(docs):
+        raise RuntimeError(f"reranker {reranker.name} returned {len(scores)} scores "
+                           f"for {len(docs)} documents")
+    SCORE_CACHE.put(key, (scores, reranker.last_report))
+    return scores, reranker.last_report
+
+
+def _report_outcomes(report: ScoreReport) -> list[Outcome]:
     out: list[Outcome] = []
     if report.truncated_docs:
         out.append(Outcome("warning", "too-long",

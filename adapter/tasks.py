@@ -256,6 +256,9 @@ def make_celery(settings: Settings, *, set_as_current: bool = True) -> Celery:
         raise ValueError("redis_url is empty; set FHIR_RERANK_REDIS_URL (e.g. "
                          "redis://127.0.0.1:6379/0) to run reranking on Celery workers")
     check_payload_key(settings.payload_key)
+    from adapter.pipeline import apply_cache_size
+
+    apply_cache_size(settings.doc_cache_size)
     timeout = settings.redis_timeout
     visibility = settings.broker_visibility_timeout
     if visibility <= settings.task_time_limit:

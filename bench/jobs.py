@@ -31,6 +31,7 @@ for extra in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(extra))
 
 from adapter.config import Settings, load_settings  # noqa: E402
+from adapter.pipeline import apply_cache_size  # noqa: E402
 from adapter.fhir import make_source  # noqa: E402
 from adapter.jobs import CeleryJobRunner, InProcessJobRunner, JobRunner  # noqa: E402
 from adapter.models import SearchRequest  # noqa: E402
@@ -135,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     redis_server.start()
     pool = WorkerPool(Path(tempfile.mkdtemp(prefix="bench-jobs-")))
     overrides = {"redis_url": redis_server.url, "reranker": "qwen3", "model": model,
-                 "models_allowed": [model], "device": "cpu"}
+                 "models_allowed": [model], "device": "cpu",
+                 "doc_cache_size": 0}  # every job scores for real: no cached rankings
     settings = load_settings(overrides, env={})
+    apply_cache_size(0)
     rows = []
     try:
         pool.start("bench", ["rerank.default"], overrides, concurrency=2)

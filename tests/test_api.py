@@ -282,6 +282,16 @@ def test_qwen3_scores_in_the_bundle_are_the_models_scores(fhir, tiny_model_dir):
     assert got == pytest.approx(expected, abs=1e-6)
     assert got == sorted(got, reverse=True)
 
+    # Paging: the next page reuses the ranking's scores instead of running the model again.
+    from adapter.pipeline import SCORE_CACHE
+
+    SCORE_CACHE.clear()
+    url = f"/fhir/Condition?patient={BIG}&_content=asthma&recall=12&_count=6"
+    first = bundle_of(client.get(url))
+    second = bundle_of(client.get(url + "&_offset=6"))
+    assert len(SCORE_CACHE) == 1
+    assert [e["search"]["score"] for e in matches(first) + matches(second)] == got
+
 
 def test_unloadable_model_falls_back_with_warning_or_fails_when_required(tmp_path):
     reset_rerankers()

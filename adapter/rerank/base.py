@@ -1,6 +1,7 @@
 """The reranker interface every backend implements (one file per backend)."""
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +25,8 @@ class Reranker(ABC):
 
     def __init__(self) -> None:
         self.last_report = ScoreReport()
+        #: unique per instance, for caches keyed by "this model with these settings"
+        self.instance_id = uuid.uuid4().hex
 
     @abstractmethod
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
