@@ -19,6 +19,7 @@ from adapter.errors import NotFound, UpstreamNotFound
 from adapter.fhir.bundle import searchset
 from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, flatten_documents,
                                   validation_outcome)
+from adapter.fhir.search_params import filters_for
 from adapter.fhir.source import FhirSource
 from adapter.lru import LRU
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
@@ -56,11 +57,15 @@ def apply_cache_size(entries: int) -> None:
 
 
 def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
-    """The FHIR search parameters sent upstream for one type: patient plus the filters."""
+    """The FHIR search parameters sent upstream for one type: patient plus the filters that
+    type defines (`$rerank?clinical-status=active` filters Conditions, not Observations —
+    a server such as HAPI refuses a parameter the type does not have)."""
     params: list[tuple[str, str]] = []
     if request.patient:
         params.append(("patient", request.patient))
-    params.extend(request.filters)
+    known = filters_for(resource_type)
+    params.extend((name, value) for name, value in request.filters
+                  if name.split(":", 1)[0] in known)
     return params
 
 

@@ -142,6 +142,17 @@ def test_filters_reach_the_fhir_server(rest, fhir):
     assert sent and "clinical-status=active" in sent[-1]["query"]
 
 
+def test_filters_go_only_to_the_types_that_define_them(rest, fhir):
+    bundle_of(rest.get(f"/fhir/$rerank?query=x&patient={BIG}&clinical-status=active"
+                       "&date=ge2000"))
+    sent = {r["path"].rsplit("/", 1)[1]: r["query"] for r in fhir.requests()
+            if r["path"].rsplit("/", 1)[1] in ("Condition", "Observation", "DocumentReference")}
+    assert "clinical-status=active" in sent["Condition"]
+    assert "clinical-status" not in sent["Observation"] + sent["DocumentReference"]
+    assert "date=ge2000" in sent["Observation"] and "date" not in sent["Condition"]
+    assert all("query=" not in q and "_content" not in q for q in sent.values())
+
+
 def test_unknown_parameter_warns_or_fails_when_strict(rest):
     bundle = bundle_of(rest.get(f"/fhir/Condition?patient={BIG}&_content=x&colour=red"))
     warned = [i for i in outcome_issues(bundle) if i["code"] == "not-supported"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapter.api.params import COMMON_FILTERS, TYPE_FILTERS
+from adapter.fhir.search_params import filters_for
 from adapter.models import RESOURCE_TYPES
 
 OWN_SEARCH_PARAMS = [
@@ -77,7 +77,7 @@ def capability_statement(base: str, software_version: str) -> dict[str, Any]:
         params = [{"name": n, "type": t, "documentation": d} for n, t, d in OWN_SEARCH_PARAMS]
         params += [{"name": n, "type": _param_type(n),
                     "documentation": "Passed to the FHIR server as a filter"}
-                   for n in COMMON_FILTERS + TYPE_FILTERS[rtype]]
+                   for n in filters_for(rtype)]
         resources.append({"type": rtype, "interaction": [{"code": "search-type"}],
                           "searchParam": params})
     resources.append({"type": "Patient", "operation": [
