@@ -165,7 +165,7 @@ def test_unknown_parameter_warns_or_fails_when_strict(rest):
 @pytest.mark.parametrize("url,status,code,expr", [
     (f"/fhir/Condition?patient={BIG}", 400, "invalid", "_content"),
     (f"/fhir/Condition?patient={BIG}&_content=x&_count=zero", 400, "invalid", "_count"),
-    (f"/fhir/$rerank?query=x&_type=Patient", 400, "invalid", "_type"),
+    ("/fhir/$rerank?query=x&_type=Patient", 400, "invalid", "_type"),
     ("/fhir/Patient?_content=x", 404, "not-found", None),
     ("/fhir/Condition?patient=no-such-patient&_content=x", 404, "not-found", "patient"),
     ("/fhir/Condition?_content=x&_format=xml", 406, "not-supported", None),

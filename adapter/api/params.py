@@ -16,7 +16,6 @@ from adapter.models import RESOURCE_TYPES, Outcome, SearchRequest
 #: Parameters the adapter itself understands (not sent upstream).
 OWN_PARAMS = ("_content", "query", "patient", "subject", "_type", "_count", "_offset",
               "recall", "instruction", "model", "_sort", "_format", "_pretty")
-IGNORED_QUIETLY = ("_pretty",)
 JSON_FORMATS = ("json", "application/json", "application/fhir+json")
 
 

@@ -289,7 +289,6 @@ class Qwen3Reranker(Reranker):
     @torch.inference_mode()
     def _score_sequences(self, seqs: list[list[int]],
                          on_progress: Callable[[int, int], None] | None) -> list[float]:
-        lm = self.loaded
         shared = min(_longest_common_prefix(seqs), min(len(s) for s in seqs) - 1)
         prefix_kv = self._prefix_cache(seqs[0][:shared]) if shared else None
         tails = [s[shared:] for s in seqs]
