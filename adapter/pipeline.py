@@ -155,6 +155,10 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     if fallback:
         outcomes.append(Outcome("warning", "processing",
                                 f"results are in BM25 order, not reranked: {fallback}"))
+    elif not reranker.is_model and docs:
+        outcomes.append(Outcome("information", "informational",
+                                "search.score is a BM25 keyword score scaled to [0, 1] "
+                                "(reranker = none), not a model's relevance"))
     ranked = [Scored(d, s, r) for d, s, r in zip(docs, scores, recall_scores)]
     ranked.sort(key=lambda item: (-item.score, item.document.id))
     return searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,

@@ -269,6 +269,7 @@ def test_exact_bm25_order_on_a_tiny_record(tmp_path):
     # c3 says "diabetes" twice, c2 once; the rest never (equal scores, ordered by id)
     assert order == ["c3", "c2", "c1", "c4", "c5", "c6"]
     assert got["total"] == 6  # nothing dropped: all six fit the recall budget
+    assert any("BM25 keyword score" in i["diagnostics"] for i in outcome_issues(got))
     lenient = [i for i in outcome_issues(got) if "did not validate" in i["diagnostics"]]
     assert len(lenient) == 1 and lenient[0]["diagnostics"].endswith("Condition/c6")
 
