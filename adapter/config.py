@@ -33,6 +33,7 @@ class Settings:
     public_base_url: str = ""
     default_count: int = 20
     max_count: int = 200
+    require_patient: bool = True
     recall: int = 100
     max_recall: int = 1000
     reranker: str = "qwen3"

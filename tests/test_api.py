@@ -169,6 +169,7 @@ def test_unknown_parameter_warns_or_fails_when_strict(rest):
     ("/fhir/Patient?_content=x", 404, "not-found", None),
     ("/fhir/Condition?patient=no-such-patient&_content=x", 404, "not-found", "patient"),
     ("/fhir/Condition?_content=x&_format=xml", 406, "not-supported", None),
+    ("/fhir/Condition?_content=x", 400, "invalid", "patient"),
 ])
 def test_errors_are_operation_outcomes(rest, url, status, code, expr):
     assert_outcome(rest.get(url), status, code, expr)
@@ -211,7 +212,7 @@ def test_upstream_unreachable_is_502():
         port = sock.getsockname()[1]
     client = make_client(fhir_base_url=f"http://127.0.0.1:{port}/fhir", fhir_retries=1,
                          fhir_backoff=0.01)
-    assert_outcome(client.get("/fhir/Condition?_content=x"), 502, "transient")
+    assert_outcome(client.get("/fhir/Condition?patient=p1&_content=x"), 502, "transient")
 
 
 class _BrokenSource(FhirSource):
@@ -228,7 +229,7 @@ class _BrokenSource(FhirSource):
 def test_a_bug_is_an_outcome_with_an_incident_id(caplog):
     app = create_app(load_settings({"reranker": "none"}, env={}), source=_BrokenSource())
     with caplog.at_level(logging.INFO):
-        issue = assert_outcome(app.test_client().get("/fhir/Condition?_content=x"), 500,
+        issue = assert_outcome(app.test_client().get("/fhir/Condition?patient=p1&_content=x"), 500,
                                "exception")
     incident = issue["diagnostics"].split()[2].rstrip(";")
     assert incident in caplog.text and "Traceback" not in issue["diagnostics"]

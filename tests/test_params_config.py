@@ -44,13 +44,15 @@ def test_filters_pass_through_and_unknown_warn(settings):
 
 
 def test_type_specific_filter_is_unknown_for_other_types(settings):
-    parsed = parse_search([("_content", "x"), ("clinical-status", "active")], settings,
+    parsed = parse_search([("_content", "x"), ("patient", "p1"), ("clinical-status", "active")],
+                          settings,
                           types=("Observation",), strict=False)
     assert parsed.request.filters == [] and parsed.outcomes
 
 
 def test_type_subset_and_model_allowlist(settings):
-    parsed = parse_search([("query", "x"), ("_type", "Condition,Observation")], settings,
+    parsed = parse_search([("query", "x"), ("patient", "p1"), ("_type", "Condition,Observation")],
+                          settings,
                           types=None, strict=False, query_param="query")
     assert parsed.request.types == ("Observation", "Condition")
     with pytest.raises(BadRequest):
@@ -60,6 +62,15 @@ def test_type_subset_and_model_allowlist(settings):
         parse_search([("query", "x"), ("model", "70B")], settings, types=None, strict=False,
                      query_param="query")
     assert "0.6B" in err.value.message
+
+
+def test_patient_is_required_unless_configured_otherwise(settings):
+    with pytest.raises(BadRequest) as err:
+        parse_search([("_content", "x")], settings, types=("Condition",), strict=False)
+    assert err.value.expression == "patient" and "require_patient" in err.value.message
+    settings.require_patient = False
+    parsed = parse_search([("_content", "x")], settings, types=("Condition",), strict=False)
+    assert parsed.request.patient is None
 
 
 def test_xml_format_is_406(settings):

@@ -133,6 +133,10 @@ def parse_search(pairs: list[tuple[str, str]], settings: Settings, *,
             raise UnsupportedParameter(message.replace("was ignored", "is not supported")
                                        + " (Prefer: handling=strict)", expression=name)
         outcomes.append(Outcome("warning", "not-supported", message, (name,)))
+    if settings.require_patient and not req.patient:
+        raise BadRequest("`patient` is required: this server searches one patient's record "
+                         "(e.g. patient=123, or Patient/123/$rerank); searches across patients "
+                         "need require_patient = false", expression="patient")
     return ParsedSearch(req, used, outcomes)
 
 
