@@ -62,9 +62,12 @@ class _TextExtractor(HTMLParser):
             self.parts.append(data)
 
 
+_SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")  # horizontal whitespace only: lines stay lines
+
+
 def _tidy_lines(text: str) -> str:
     """Collapse runs of spaces within lines and drop blank lines."""
-    lines = (re.sub(r"[ \t\r\f\v\u00a0]+", " ", line).strip() for line in text.split("\n"))
+    lines = (line.strip() for line in _SPACES.sub(" ", text).split("\n"))
     return "\n".join(line for line in lines if line)
 
 
