@@ -15,7 +15,6 @@ import base64
 import json
 import logging
 import re
-import threading
 import time
 import traceback
 import uuid
@@ -145,21 +144,15 @@ def check_payload_key(key: str) -> None:
 
 # --- the work, with and without Celery ---------------------------------------------------
 
-_model_locks: dict[int, threading.Lock] = {}
-_model_locks_guard = threading.Lock()
-
-
 def rank_job(payload: dict[str, Any], model: str, settings: Settings,
              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Score the prepared candidates with the process-wide reranker for `model`; the Bundle."""
     from adapter.pipeline import rank_prepared
     from adapter.rerank import get_reranker
 
-    reranker = get_reranker(settings, model)
-    with _model_locks_guard:
-        lock = _model_locks.setdefault(id(reranker), threading.Lock())
-    with lock:  # one scoring call per model at a time: `last_report` belongs to that call
-        return rank_prepared(payload, reranker, on_progress=on_progress)
+    # Concurrent jobs may share the reranker: the Qwen3 engine runs one forward at a time per
+    # model, and `last_report` is per thread, so each job reads its own call's report.
+    return rank_prepared(payload, get_reranker(settings, model), on_progress=on_progress)
 
 
 def job_error(exc: BaseException, settings: Settings | None = None) -> dict[str, Any]:

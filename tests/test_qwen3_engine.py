@@ -169,3 +169,22 @@ def test_cuda_engine_matches_the_card_recipe(tiny_model_dir_untied):
     fast = Qwen3Reranker(str(tiny_model_dir_untied), device="cuda", max_length=128)
     assert fast.dtype == torch.bfloat16
     assert max(abs(a - b) for a, b in zip(fast.score(QUERY, DOCS, "Find labs"), expected)) < 0.05
+
+
+def test_last_report_belongs_to_the_calling_thread(tiny_model_dir):
+    """Job threads share one engine: each must read the report of its own call."""
+    import threading
+
+    reranker = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32", max_length=160)
+    reranker.score("q", ["word " * 200])  # one truncated document, in this thread
+    seen = {}
+
+    def other() -> None:
+        reranker.score("q", ["short", ""])
+        seen["report"] = reranker.last_report
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen["report"].truncated_docs == 0 and seen["report"].empty_docs == [1]
+    assert reranker.last_report.truncated_docs == 1 and reranker.last_report.empty_docs == []

@@ -1,6 +1,7 @@
 """The reranker interface every backend implements (one file per backend)."""
 from __future__ import annotations
 
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -24,9 +25,20 @@ class Reranker(ABC):
     is_model: bool = False
 
     def __init__(self) -> None:
-        self.last_report = ScoreReport()
+        self._reports = threading.local()
         #: unique per instance, for caches keyed by "this model with these settings"
         self.instance_id = uuid.uuid4().hex
+
+    @property
+    def last_report(self) -> ScoreReport:
+        """The report of this thread's last `score` call: one instance serves several job
+        threads at once, and each must read the report of its own call."""
+        report = getattr(self._reports, "value", None)
+        return report if report is not None else ScoreReport()
+
+    @last_report.setter
+    def last_report(self, report: ScoreReport) -> None:
+        self._reports.value = report
 
     @abstractmethod
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
@@ -34,7 +46,7 @@ class Reranker(ABC):
         """Relevance of each text to the query, in the input order.
 
         `on_progress(done, total)` is called as documents are scored (for job progress).
-        After the call, `self.last_report` describes truncation and empty documents.
+        After the call, `self.last_report` (per thread) describes truncation and empty documents.
         """
 
     def describe(self) -> str:
