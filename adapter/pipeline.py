@@ -70,10 +70,10 @@ def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[st
 
 
 def collect_documents(request: SearchRequest, source: FhirSource,
-                      settings: Settings) -> tuple[list[Document], list[Outcome], int]:
+                      settings: Settings) -> tuple[list[Document], list[Outcome]]:
     """Fetch the requested types concurrently and flatten them.
 
-    Returns (documents, outcomes, number of resources fetched). An unknown patient is a 404.
+    Returns (documents, outcomes). An unknown patient is a 404.
     """
     searches = [(t, upstream_params(request, t)) for t in request.types]
     limit = settings.max_resources
@@ -81,12 +81,10 @@ def collect_documents(request: SearchRequest, source: FhirSource,
         searches, authorization=request.authorization, limit=limit)
     outcomes: list[Outcome] = []
     documents: list[Document] = []
-    fetched = 0
     attachment_loader = _attachment_loader(source, request.authorization)
     for resource_type in request.types:
         result = results[resource_type]
         outcomes.extend(result.outcomes)
-        fetched += len(result.resources)
         docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
                                                 attachment_loader=attachment_loader,
                                                 validate=False)
@@ -100,7 +98,7 @@ def collect_documents(request: SearchRequest, source: FhirSource,
         if not exists:
             raise NotFound(f"Patient/{request.patient} is not known to the FHIR server; "
                            "check the `patient` parameter", expression="patient")
-    return documents, outcomes, fetched
+    return documents, outcomes
 
 
 def _attachment_loader(source: FhirSource, authorization: str | None
@@ -113,7 +111,7 @@ def _attachment_loader(source: FhirSource, authorization: str | None
 def prepare_search(request: SearchRequest, source: FhirSource, settings: Settings,
                    links: LinkContext) -> dict[str, Any]:
     """Fetch, flatten and recall; return the JSON payload that `rank_prepared` consumes."""
-    documents, outcomes, fetched = collect_documents(request, source, settings)
+    documents, outcomes = collect_documents(request, source, settings)
     for doc in documents:  # sources without URLs of their own (files) give "Type/id"
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"
@@ -132,7 +130,6 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
         "links": links.to_json(),
         "candidates": [{"document": d.to_json(), "recall_score": float(s)} for d, s in candidates],
         "outcomes": [o.to_json() for o in outcomes],
-        "fetched": fetched,
     }
 
 
