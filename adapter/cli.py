@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from typing import Any
 
@@ -31,7 +30,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="Celery broker/results; empty = run jobs in-process")
 
 
-_PATIENT_IN_PATH = re.compile(r"(/Patient/)[^/?]+")
 COMMON = ("fhir_base_url", "fhir_data", "reranker", "model", "device", "redis_url")
 
 
@@ -42,10 +40,12 @@ class _QuietHandler:
     def make() -> type:
         from werkzeug.serving import WSGIRequestHandler
 
+        from adapter.logsafe import redact_path
+
         class Handler(WSGIRequestHandler):
             def log_request(self, code: Any = "-", size: Any = "-") -> None:
-                path = _PATIENT_IN_PATH.sub(r"\1*", self.path.split("?", 1)[0])
-                logging.getLogger("adapter.access").info("%s %s %s", self.command, path, code)
+                logging.getLogger("adapter.access").info("%s %s %s", self.command,
+                                                         redact_path(self.path), code)
 
         return Handler
 

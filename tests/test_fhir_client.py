@@ -293,3 +293,15 @@ def test_relative_links_odd_entries_and_foreign_next_link(crafted: str) -> None:
     CraftedFhir.pages = {"": {"resourceType": "Patient", "id": "x"}}
     with pytest.raises(UpstreamError, match="expected a Bundle"):
         FhirRestSource(crafted, **FAST).search("Observation", [])
+
+
+def test_retry_warnings_mask_the_patient_id(fhir, caplog) -> None:
+    import logging
+
+    from adapter.fhir.client import FhirRestSource
+
+    fhir.inject_fault(status=503, times=1, path_contains="Patient/")
+    source = FhirRestSource(fhir.base_url, retries=1, backoff=0.01)
+    with caplog.at_level(logging.INFO):
+        source.patient_exists("79a66c97-6131-3213-f3c9-4606946ab056")
+    assert "/Patient/*" in caplog.text and "79a66c97" not in caplog.text

@@ -23,6 +23,7 @@ import requests
 from adapter.errors import (BadRequest, UpstreamAuthError, UpstreamError, UpstreamGone,
                             UpstreamNotFound, UpstreamThrottled, UpstreamTimeout)
 from adapter.fhir.source import FhirSource
+from adapter.logsafe import redact_path
 from adapter.models import FetchResult, Outcome
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class FhirRestSource(FhirSource):
                 problem = str(response.status_code)
                 retry_after = response.headers.get("Retry-After")
                 response.close()
-            log.warning("FHIR GET %s: %s; retry %d/%d", path, problem, attempt + 1, self.retries)
+            log.warning("FHIR GET %s: %s; retry %d/%d", redact_path(path), problem, attempt + 1,
+                        self.retries)
             self._sleep(attempt, retry_after)
         raise AssertionError("unreachable")  # pragma: no cover
 
