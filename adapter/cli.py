@@ -1,4 +1,5 @@
-"""`fhir-rerank`: serve the API, run a worker, search from the shell, make a tiny model."""
+"""`fhir-rerank`: serve the API, run a worker, search from the shell, make a tiny model,
+check a FHIR server end to end (`interop`)."""
 from __future__ import annotations
 
 import argparse
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--untied", action="store_true", help="untied lm_head, like the 8B")
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    from adapter.interop.command import add_interop_command
+
+    add_interop_command(sub)
     return parser
 
 

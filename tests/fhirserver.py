@@ -83,14 +83,21 @@ class FhirTestServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, load: list[Path], mode: str = "r4") -> str:
-        """Start the server with `load` (files or folders) and return its base URL (…/fhir)."""
+    def start(self, load: list[Path], mode: str = "r4", faults: tuple[str, ...] = (),
+              max_count: int | None = None) -> str:
+        """Start the server with `load` (files or folders) and return its base URL (…/fhir).
+        `faults` (server.js --fault) break one behaviour for the whole run; `max_count` caps
+        the page size the server serves (default 1000)."""
         if self._process is not None:
             raise RuntimeError("this FhirTestServer is already running; stop() it first")
         _ensure_node_modules()
         started = time.monotonic()
         self._stderr = tempfile.NamedTemporaryFile("w+", prefix="fhir-test-server-", suffix=".log")
         command = ["node", str(SERVER_DIR / "server.js"), "--port", "0", "--mode", mode]
+        for fault in faults:
+            command += ["--fault", fault]
+        if max_count is not None:
+            command += ["--max-count", str(max_count)]
         if load:
             command += ["--load", *(str(p) for p in load)]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr,

@@ -3,7 +3,12 @@
 // behind node:http, plus the knobs tests need (fault injection, auth, request log) and an
 // optional HAPI-behaviour mode (`_getpages` paging cache, 410 on expiry, no full-text search).
 //
-//   node tests/fhir_server/server.js --port 0 [--mode r4|hapi] [--load PATH ...]
+//   node tests/fhir_server/server.js --port 0 [--mode r4|hapi] [--max-count N]
+//        [--fault drop-next-links|gone-paging|ignore-count|refuse-filter=Type:param ...] [--load PATH ...]
+//
+// A --fault breaks one behaviour for the whole run, so a client kit (`fhir-rerank interop`)
+// can be shown to report exactly that: no next links, every later page 410 Gone, `_count`
+// ignored (fixed pages of 20), one search parameter refused with 400 on one type.
 //
 // Prints exactly one stdout line `LISTENING http://127.0.0.1:<port>/fhir` once the data is
 // loaded; everything else goes to stderr. Test-only: binds 127.0.0.1, no persistence.
@@ -16,14 +21,25 @@ const { FhirStore, HttpError, operationOutcome, searchsetBundle } = require('./s
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 const PAGING_CACHE_LIMIT = 500;
 const SEARCH_TYPES = ['DocumentReference', 'Observation', 'Condition', 'Patient', 'Binary'];
+const FAULTS = ['drop-next-links', 'gone-paging', 'ignore-count'];
 
 function parseArgs(argv) {
-  const args = { port: 0, mode: 'r4', load: [], verbose: false };
+  const args = { port: 0, mode: 'r4', load: [], verbose: false, faults: new Set(), refused: [], maxCount: undefined };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--port') args.port = parseInt(argv[++i], 10);
     else if (a === '--mode') args.mode = argv[++i];
     else if (a === '--verbose') args.verbose = true;
+    else if (a === '--max-count') args.maxCount = parseInt(argv[++i], 10);
+    else if (a === '--fault') {
+      const fault = argv[++i] ?? '';
+      if (fault.startsWith('refuse-filter=')) {
+        const [type, param] = fault.slice('refuse-filter='.length).split(':');
+        if (!type || !param) throw new Error(`--fault refuse-filter=Type:param, not ${fault}`);
+        args.refused.push({ type, param });
+      } else if (FAULTS.includes(fault)) args.faults.add(fault);
+      else throw new Error(`--fault must be one of ${FAULTS.join(', ')} or refuse-filter=Type:param, not ${fault}`);
+    }
     else if (a === '--load') {
       while (i + 1 < argv.length && !argv[i + 1].startsWith('--')) args.load.push(argv[++i]);
     } else throw new Error(`Unknown argument ${a}`);
@@ -133,18 +149,26 @@ function capabilityStatement(store, mode) {
 }
 
 /** The whole HTTP side; `baseUrl()` is known once listening. */
-function createServer(store, controls, mode, verbose) {
+function createServer(store, controls, mode, verbose, behaviour = { faults: new Set(), refused: [] }) {
   let baseUrl = '';
+  const broken = (fault) => behaviour.faults.has(fault);
 
   function pageLinks(selfUrl, total, offset, count, pageUrl) {
     const links = [{ relation: 'self', url: selfUrl }];
-    if (count > 0 && offset + count < total) links.push({ relation: 'next', url: pageUrl(offset + count) });
+    if (count > 0 && offset + count < total && !broken('drop-next-links')) links.push({ relation: 'next', url: pageUrl(offset + count) });
     if (count > 0 && offset > 0) links.push({ relation: 'previous', url: pageUrl(Math.max(0, offset - count)) });
     return links;
   }
 
   async function search(resourceType, url, logEntry) {
-    const pairs = [...url.searchParams.entries()];
+    let pairs = [...url.searchParams.entries()];
+    const refused = behaviour.refused.find((r) => r.type === resourceType
+      && pairs.some(([name]) => name.split(':')[0] === r.param));
+    if (refused) {
+      throw new HttpError(400, 'processing',
+        `Unknown search parameter "${refused.param}" for resource type "${resourceType}"`);
+    }
+    if (broken('ignore-count')) pairs = pairs.filter(([name]) => name !== '_count');
     if (mode === 'hapi') {
       const fulltext = pairs.find(([name]) => ['_content', '_text'].includes(name.split(':')[0]));
       if (fulltext) {
@@ -153,6 +177,9 @@ function createServer(store, controls, mode, verbose) {
       }
     }
     const plan = store.planSearch(resourceType, pairs);
+    if (broken('gone-paging') && plan.offset > 0) {
+      throw new HttpError(410, 'not-found', 'Injected fault: later pages are gone');
+    }
     logEntry.ignored = plan.ignored.map(([name]) => name);
     const resources = await store.matchAll(resourceType, plan);
     const used = new URLSearchParams(plan.used);
@@ -177,10 +204,10 @@ function createServer(store, controls, mode, verbose) {
 
   function getPages(url) {
     const id = url.searchParams.get('_getpages');
-    const cached = controls.pages.get(id);
+    const cached = broken('gone-paging') ? undefined : controls.pages.get(id);
     if (!cached) throw new HttpError(410, 'not-found', `Search ID "${id}" does not exist and may have expired`);
     const offset = parseInt(url.searchParams.get('_getpagesoffset') ?? '0', 10) || 0;
-    const count = Math.min(parseInt(url.searchParams.get('_count') ?? '20', 10) || 20, 1000);
+    const count = Math.min(parseInt(url.searchParams.get('_count') ?? '20', 10) || 20, store.maxCount);
     const links = pageLinks(getPagesUrl(id, offset, count), cached.resources.length, offset, count,
       (o) => getPagesUrl(id, o, count));
     return searchsetBundle(baseUrl, cached.resources, offset, count, links);
@@ -289,15 +316,18 @@ function createServer(store, controls, mode, verbose) {
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const t0 = Date.now();
-  const store = new FhirStore();
+  const store = new FhirStore({ maxCount: args.maxCount });
   let loaded = 0;
   for (const target of args.load) loaded += await store.loadPath(target);
-  const server = createServer(store, new Controls(), args.mode, args.verbose);
+  const server = createServer(store, new Controls(), args.mode, args.verbose,
+    { faults: args.faults, refused: args.refused });
   server.keepAliveTimeout = 60_000;
   server.listen(args.port, '127.0.0.1', () => {
     const base = `http://127.0.0.1:${server.address().port}/fhir`;
     server.setBaseUrl(base);
-    process.stderr.write(`loaded ${loaded} resources in ${Date.now() - t0} ms (${args.mode} mode)\n`);
+    const faults = [...args.faults, ...args.refused.map((r) => `refuse-filter=${r.type}:${r.param}`)];
+    process.stderr.write(`loaded ${loaded} resources in ${Date.now() - t0} ms (${args.mode} mode`
+      + `${faults.length ? `, faults: ${faults.join(', ')}` : ''})\n`);
     process.stdout.write(`LISTENING ${base}\n`);
   });
   const stop = () => { server.close(() => process.exit(0)); server.closeAllConnections(); };

@@ -116,8 +116,9 @@ function sortKey(resource, param) {
 }
 
 class FhirStore {
-  constructor() {
+  constructor({ maxCount } = {}) {
     initSchema();
+    this.maxCount = maxCount > 0 ? maxCount : MAX_COUNT; // the largest page served
     this.repo = new MemoryRepository();
     this.router = new FhirRouter();
   }
@@ -239,7 +240,7 @@ class FhirStore {
       const code = name.split(':')[0];
       let value = rawValue;
       if (code === '_count') {
-        count = Math.min(parsePositiveInt(value, '_count'), MAX_COUNT);
+        count = Math.min(parsePositiveInt(value, '_count'), this.maxCount);
       } else if (code === '_offset') {
         offset = parsePositiveInt(value, '_offset');
       } else if (code === '_summary' && value === 'count') {
