@@ -1,131 +1,170 @@
-"""Interoperability suite: the adapter end to end against a FHIR server it does not control.
+"""The interop kit (`fhir-rerank interop`, adapter/interop/) against real FHIR servers.
 
-`pytest -m hapi --fhir-base-url URL` runs it against any live FHIR R4 server (e.g. a HAPI
-sandbox): it loads its own small test patient with a transaction Bundle, runs the searches
-through the adapter, and deletes what it created. Without a URL the `hapi`-marked tests are
-skipped; the same scenarios always run against the local test server in HAPI mode.
+- Against the project's test server in its plain (r4) and HAPI-behaviour modes: every
+  scenario that can run passes, the JUnit file parses and its counts match, and the kit's
+  test patient is gone afterwards.
+- Against servers with one behaviour broken (server.js --fault): exactly that scenario fails,
+  with its reason; servers that merely differ from HAPI give named findings, not failures.
+- `pytest -m hapi --fhir-base-url URL` is a thin wrapper: one test per kit scenario against
+  that live server (a token, if it needs one, in FHIR_INTEROP_TOKEN).
 """
 from __future__ import annotations
 
-import base64
-import uuid
-from urllib.parse import urlsplit
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 
 import pytest
 import requests
 
-from adapter import create_app
-from adapter.config import load_settings
+from adapter.cli import main as cli_main
+from adapter.interop import InteropOptions, run_interop, scenario_names
+from adapter.interop.context import ScenarioFailed
+from adapter.interop.loader import ServerCall, delete_test_patient, load_test_patient
+from adapter.interop.report import InteropReport
+from fhirserver import FhirTestServer
 
-HEADERS = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-
-
-def _note(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def _test_patient_bundle(tag: str) -> dict:
-    pid = f"urn:uuid:{uuid.uuid4()}"
-    subject = {"reference": pid}
-
-    def entry(resource: dict) -> dict:
-        return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource,
-                "request": {"method": "POST", "url": resource["resourceType"]}}
-
-    def condition(text: str, code: str) -> dict:
-        return entry({"resourceType": "Condition", "subject": subject,
-                      "clinicalStatus": {"coding": [{
-                          "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                          "code": "active"}]},
-                      "code": {"coding": [{"system": "http://snomed.info/sct", "code": code,
-                                           "display": text}], "text": text}})
-
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": pid, "resource": {"resourceType": "Patient",
-                                      "identifier": [{"system": "urn:fhir-rerank:interop",
-                                                      "value": tag}],
-                                      "name": [{"family": "Interop", "given": ["Test"]}]},
-         "request": {"method": "POST", "url": "Patient"}},
-        condition("Asthma", "195967001"),
-        condition("Essential hypertension", "59621000"),
-        condition("Fracture of ankle", "16114001"),
-        entry({"resourceType": "Observation", "status": "final", "subject": subject,
-               "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4",
-                                    "display": "Hemoglobin A1c/Hemoglobin.total in Blood"}]},
-               "valueQuantity": {"value": 8.1, "unit": "%", "system": "http://unitsofmeasure.org",
-                                 "code": "%"}}),
-        entry({"resourceType": "Observation", "status": "final", "subject": subject,
-               "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4",
-                                    "display": "Heart rate"}]},
-               "valueQuantity": {"value": 72, "unit": "/min"}}),
-        entry({"resourceType": "DocumentReference", "status": "current", "subject": subject,
-               "type": {"text": "Progress note"},
-               "content": [{"attachment": {"contentType": "text/plain", "data": _note(
-                   "Wheezing and shortness of breath at night; asthma inhaler refilled.")}}]}),
-    ]}
+TOKEN = "interop-secret"
+MODEL = ("model-rerank", "long-note-truncated")
+AUTH = ("auth-pass-through", "auth-missing-token", "auth-wrong-token")
 
 
-@pytest.fixture()
-def loaded_patient(_interop_base):
-    """(FHIR base URL, patient id) of a freshly loaded test patient, deleted afterwards."""
-    base = _interop_base
-    bundle = _test_patient_bundle(uuid.uuid4().hex)
-    resp = requests.post(base, json=bundle, headers=HEADERS, timeout=60)
-    assert resp.status_code in (200, 201), resp.text[:500]
-    locations = [e["response"]["location"].split("/_history")[0]
-                 for e in resp.json()["entry"]]
-    patient = next(loc for loc in locations if loc.startswith("Patient/")).split("/")[1]
-    yield base, patient
-    for loc in reversed(locations):
-        requests.delete(f"{base}/{loc}", headers=HEADERS, timeout=60)
+def _statuses(report: InteropReport, status: str) -> set[str]:
+    return {r.name for r in report.results if r.status == status}
 
 
-@pytest.fixture(params=["local-hapi-mode", pytest.param("live", marks=pytest.mark.hapi)])
-def _interop_base(request):
-    if request.param == "live":
-        return request.config.getoption("--fhir-base-url").rstrip("/")
-    return request.getfixturevalue("hapi").base_url
+def _assert_patient_gone(base_url: str, patient_id: str, authorization: str | None = None) -> None:
+    headers = {"Accept": "application/fhir+json"}
+    if authorization:
+        headers["Authorization"] = authorization
+    read = requests.get(f"{base_url}/Patient/{patient_id}", headers=headers, timeout=30)
+    assert read.status_code in (404, 410), read.text[:200]
+    for rtype in ("Observation", "Condition", "DocumentReference"):
+        found = requests.get(f"{base_url}/{rtype}", params={"patient": patient_id, "_summary": "count"},
+                             headers=headers, timeout=30)
+        assert found.status_code == 200 and found.json()["total"] == 0, (rtype, found.text[:200])
 
 
-def _client(base: str):
-    return create_app(load_settings({"fhir_base_url": base, "reranker": "none"},
-                                    env={})).test_client()
+@pytest.fixture
+def broken_server(request: pytest.FixtureRequest) -> Iterator[FhirTestServer]:
+    """A test server with no data of its own and one behaviour broken: (mode, faults, max_count)."""
+    mode, faults, max_count = request.param
+    server = FhirTestServer()
+    server.start([], mode=mode, faults=tuple(faults), max_count=max_count)
+    yield server
+    server.stop()
 
 
-def test_each_type_is_found_and_ranked(loaded_patient):
-    base, patient = loaded_patient
-    client = _client(base)
-    for rtype, query, first, count in [
-            ("Condition", "asthma", "Asthma", 3),
-            ("Observation", "hemoglobin a1c", "4548-4", 2),
-            ("DocumentReference", "wheezing", "Progress note", 1)]:
-        resp = client.get(f"/fhir/{rtype}?patient={patient}&_content={query}")
-        assert resp.status_code == 200, resp.get_data(as_text=True)[:400]
-        bundle = resp.get_json()
-        entries = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
-        assert bundle["total"] == count and len(entries) == count
-        assert first in str(entries[0]["resource"])
-        assert all(e["fullUrl"].startswith(base) for e in entries)
+def test_cli_on_the_plain_server_with_auth_passes_every_scenario(fhir, tiny_model_dir, tmp_path,
+                                                                 capsys, monkeypatch):
+    fhir.set_auth(token=f"Bearer {TOKEN}")
+    monkeypatch.setenv("INTEROP_TEST_TOKEN", TOKEN)
+    junit, report_json = tmp_path / "interop.xml", tmp_path / "interop.json"
+    code = cli_main(["interop", "--fhir-base-url", fhir.base_url, "--token-env", "INTEROP_TEST_TOKEN",
+                     "--junit", str(junit), "--json", str(report_json),
+                     "--model-dir", str(tiny_model_dir)])
+    out, err = capsys.readouterr()
+    data = json.loads(report_json.read_text())
+    statuses = {s["name"]: s for s in data["scenarios"]}
+    assert code == 0, out
+    assert list(statuses) == scenario_names()
+    # the r4-mode server ignores _content, so there is nothing to delegate; all else passes
+    assert {n for n, s in statuses.items() if s["status"] != "pass"} == {"content-delegation"}
+    assert {f["code"] for f in data["findings"]} == {"401-without-www-authenticate", "content-ignored"}
+    assert TOKEN not in out + err + report_json.read_text() + junit.read_text()
+    # the JUnit file parses and agrees with the table and the JSON
+    suite = ET.parse(junit).getroot().find("testsuite")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == scenario_names()
+    assert int(suite.get("tests")) == len(cases) == data["counts"]["pass"] + 1
+    assert int(suite.get("failures")) == 0 and int(suite.get("skipped")) == 1
+    assert f"{len(cases)} scenarios, {data['counts']['pass']} passed, 0 failed, 1 skipped" in out
+    assert all(name in out for name in scenario_names())
+    assert sum(line.startswith("[") for line in err.splitlines()) == len(cases)
+    _assert_patient_gone(fhir.base_url, data["test_patient"]["id"], f"Bearer {TOKEN}")
 
 
-def test_rerank_across_types_pages_through_everything(loaded_patient):
-    base, patient = loaded_patient
-    client = _client(base)
-    resp = client.get(f"/fhir/Patient/{patient}/$rerank?query=asthma%20wheezing&_count=4")
-    bundle = resp.get_json()
-    assert resp.status_code == 200 and bundle["total"] == 6
-    first = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
-    assert {e["resource"]["resourceType"] for e in first[:2]} == {"Condition",
-                                                                  "DocumentReference"}
-    nxt = next(link["url"] for link in bundle["link"] if link["relation"] == "next")
-    page2 = client.get(urlsplit(nxt)._replace(scheme="", netloc="").geturl()).get_json()
-    ids = {e["fullUrl"] for e in bundle["entry"] + page2["entry"]
-           if e["search"]["mode"] == "match"}
-    assert len(ids) == 6
+def test_hapi_mode_passes_with_getpages_paging_and_no_fulltext(hapi):
+    report = run_interop(InteropOptions(hapi.base_url, model_dir=""), progress=None)
+    assert report.ok, [(r.name, r.reason) for r in report.results if r.status == "fail"]
+    assert _statuses(report, "skipped") == {*AUTH, *MODEL, "content-delegation"}
+    assert "_getpages" in report.profile.paging
+    assert [f.code for f in report.findings] == ["no-fulltext"]
+    assert report.by_name()["paging-next-links"].reason.endswith("(HAPI _getpages next links)")
+    _assert_patient_gone(hapi.base_url, report.patient_id)
 
 
-def test_unknown_patient_is_404(_interop_base):
-    resp = _client(_interop_base).get(f"/fhir/Condition?patient=nobody-{uuid.uuid4().hex[:8]}"
-                                      "&_content=x")
-    assert resp.status_code == 404
-    assert resp.get_json()["issue"][0]["code"] == "not-found"
+@pytest.mark.parametrize("broken_server, reason", [
+    (("r4", ["drop-next-links"], None), "the adapter saw 5 of 36 Observations; the server's "
+                                         "first page has 5 of 36 and no next link"),
+    (("hapi", ["gone-paging"], None), "paging cache expired twice (410 Gone)"),
+], indirect=["broken_server"], ids=["dropped-next-links", "paging-410"])
+def test_a_broken_behaviour_fails_exactly_its_scenario(broken_server, reason, tmp_path):
+    junit = tmp_path / "interop.xml"
+    code = cli_main(["interop", "--fhir-base-url", broken_server.base_url, "--no-model",
+                     "--junit", str(junit)])
+    suite = ET.parse(junit).getroot().find("testsuite")
+    failed = [c for c in suite.findall("testcase") if c.find("failure") is not None]
+    assert code == 1
+    assert [c.get("name") for c in failed] == ["paging-next-links"]
+    assert reason in failed[0].find("failure").get("message")
+    assert suite.get("failures") == "1"
+
+
+@pytest.mark.parametrize("broken_server", [
+    ("r4", ["ignore-count", "refuse-filter=Condition:clinical-status"], 10)], indirect=True)
+def test_servers_that_differ_from_hapi_give_findings_not_failures(broken_server):
+    report = run_interop(InteropOptions(broken_server.base_url, model_dir=""), progress=None)
+    results = report.by_name()
+    assert report.ok, [(r.name, r.reason) for r in report.results if r.status == "fail"]
+    assert {"count-ignored", "filter-refused"} <= {f.code for f in report.findings}
+    assert results["filters-Condition"].status == "pass"
+    assert "refused by the server: clinical-status" in results["filters-Condition"].reason
+    assert "the server capped the page at 10" in results["page-size-above-max"].reason
+    assert "over 4 pages" in results["paging-next-links"].reason
+    _assert_patient_gone(broken_server.base_url, report.patient_id)
+
+
+def test_a_failed_cleanup_is_reported(fhir):
+    call = ServerCall(fhir.base_url, None)
+    loaded = load_test_patient(call)
+    fhir.inject_fault(status=409, times=2, path_contains=f"/Patient/{loaded.patient_id}")
+    problems = delete_test_patient(call, loaded)
+    assert problems == ["DELETE Patient answered 409: Injected fault: HTTP 409",
+                        "the test Patient still reads 409 after DELETE"]
+    assert delete_test_patient(call, loaded) == []
+    _assert_patient_gone(fhir.base_url, loaded.patient_id)
+
+
+def test_a_wrong_expectation_fails_the_scenario(hapi, monkeypatch):
+    """The scenarios check against the test data, not the server: change the truth and the
+    filter scenario must fail (guards against checks that cannot fail)."""
+    from adapter.interop import testdata
+
+    cases = dict(testdata.FILTER_CASES)
+    cases["Observation"] = [("status", "amended", lambda r: r["status"] == "final")]
+    monkeypatch.setattr("adapter.interop.scenarios_search.FILTER_CASES", cases)
+    report = run_interop(InteropOptions(hapi.base_url, model_dir=""), progress=None)
+    assert _statuses(report, "fail") == {"filters-Observation"}
+    assert "status=amended: 4 resources, expected 32" in report.by_name()["filters-Observation"].reason
+
+
+# ---------------------------------------------------------------- `pytest -m hapi`: a live server
+
+@pytest.fixture(scope="module")
+def live_report(request: pytest.FixtureRequest) -> InteropReport:
+    url = request.config.getoption("--fhir-base-url")
+    token = os.environ.get("FHIR_INTEROP_TOKEN")
+    authorization = None if not token else (token if " " in token else f"Bearer {token}")
+    return run_interop(InteropOptions(url, authorization))
+
+
+@pytest.mark.hapi
+@pytest.mark.parametrize("scenario", scenario_names())
+def test_live_server(live_report: InteropReport, scenario: str) -> None:
+    result = live_report.by_name()[scenario]
+    if result.status == "skipped":
+        pytest.skip(result.reason)
+    if result.status == "fail":
+        raise ScenarioFailed(result.reason)

@@ -90,6 +90,10 @@ def _run_one(ctx: InteropContext, name: str, scenario: Callable[[InteropContext]
 def _model_checkpoint(model_dir: str | None) -> Iterator[tuple[str | None, str | None]]:
     """(checkpoint directory, why not) for the model scenarios."""
     if model_dir is not None:
+        if model_dir:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         yield (model_dir or None), (None if model_dir else "model scenarios turned off (--no-model)")
         return
     try:
@@ -101,6 +105,9 @@ def _model_checkpoint(model_dir: str | None) -> Iterator[tuple[str | None, str |
         yield None, (f"no tiny Qwen3 checkpoint: {exc}; `pip install --no-deps dashscope==2.0.2` "
                      "or pass --model-dir")
         return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the loading bar would break the progress lines
     folder = tempfile.mkdtemp(prefix="fhir-rerank-interop-model-")
     try:
         yield str(make_tiny_model(folder)), None
@@ -121,8 +128,11 @@ def _quiet_adapter_logs() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def run_interop(options: InteropOptions, progress: TextIO | None = sys.stderr) -> InteropReport:
-    """Run every scenario against `options.fhir_base_url`; never raises for a server problem."""
+def run_interop(options: InteropOptions, progress: TextIO | None | str = "stderr") -> InteropReport:
+    """Run every scenario against `options.fhir_base_url`; never raises for a server problem.
+    A progress line per scenario goes to `progress` (stderr by default, None for none)."""
+    if progress == "stderr":
+        progress = sys.stderr
     total = len(SCENARIOS) + 1
     with _quiet_adapter_logs(), _model_checkpoint(options.model_dir) as (model, why_not):
         ctx = InteropContext(options.fhir_base_url, options.authorization, model_dir=model,
@@ -131,7 +141,7 @@ def run_interop(options: InteropOptions, progress: TextIO | None = sys.stderr) -
 
         def record(result: ScenarioResult) -> None:
             results.append(result)
-            if progress is not None:
+            if not isinstance(progress, str) and progress is not None:
                 progress.write(progress_line(len(results), total, result) + "\n")
                 progress.flush()
 

@@ -233,7 +233,7 @@ class FhirStore {
     const used = []; // as the client sent them (for the self link)
     const applied = []; // as medplum needs them
     const ignored = [];
-    let count = DEFAULT_COUNT;
+    let count = Math.min(DEFAULT_COUNT, this.maxCount);
     let offset = 0;
     let sort = [];
     for (const [name, rawValue] of pairs) {
