@@ -25,9 +25,9 @@ class ServerProfile:
     missing_types: list[str] = field(default_factory=list)
     fulltext_declared: list[str] = field(default_factory=list)  # "_content" / "_text" by type
     declared_auth: str = "none declared"
-    paging: str = "not yet observed"
-    fulltext: str = "not yet observed"
-    auth: str = "not yet observed"
+    paging: str = "not observed"
+    fulltext: str = "not observed"
+    auth: str = "not observed"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

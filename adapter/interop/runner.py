@@ -86,14 +86,19 @@ def _run_one(ctx: InteropContext, name: str, scenario: Callable[[InteropContext]
     return ScenarioResult(name, status, reason, round(time.monotonic() - started, 3), findings)
 
 
+def _no_loading_bar() -> None:
+    """transformers' weight-loading bar would break the progress lines on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
 def _model_checkpoint(model_dir: str | None) -> Iterator[tuple[str | None, str | None]]:
     """(checkpoint directory, why not) for the model scenarios."""
     if model_dir is not None:
         if model_dir:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+            _no_loading_bar()
         yield (model_dir or None), (None if model_dir else "model scenarios turned off (--no-model)")
         return
     try:
@@ -105,9 +110,7 @@ def _model_checkpoint(model_dir: str | None) -> Iterator[tuple[str | None, str |
         yield None, (f"no tiny Qwen3 checkpoint: {exc}; `pip install --no-deps dashscope==2.0.2` "
                      "or pass --model-dir")
         return
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the loading bar would break the progress lines
+    _no_loading_bar()
     folder = tempfile.mkdtemp(prefix="fhir-rerank-interop-model-")
     try:
         yield str(make_tiny_model(folder)), None

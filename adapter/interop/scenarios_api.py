@@ -82,17 +82,17 @@ def _marker_first(ctx: InteropContext, marker: str, what: str) -> str:
     scores = [e["search"]["score"] for e in matches]
     ranked_first = resource_ids(matches)[0] == patient.marker_id(marker)
     if not ranked_first or (len(scores) > 1 and scores[0] <= scores[1]):
-        raise ScenarioFailed(f"the {what}'s text did not reach the ranking (a word only in it "
-                             "did not put it first)")
-    return f"the {what}'s text was read: its note ranks first for a word only it contains"
+        raise ScenarioFailed(f"{what} not read: a word found only there did not put its "
+                             "DocumentReference first")
+    return f"{what} read: its DocumentReference ranks first for a word found only there"
 
 
 def attachment_by_url(ctx: InteropContext) -> str:
-    return _marker_first(ctx, URL_MARKER, "Binary fetched by URL")
+    return _marker_first(ctx, URL_MARKER, "the Binary attachment (by URL)")
 
 
 def attachment_base64(ctx: InteropContext) -> str:
-    return _marker_first(ctx, BASE64_MARKER, "base64 note")
+    return _marker_first(ctx, BASE64_MARKER, "the base64 attachment")
 
 
 def _all_ids(patient: LoadedPatient, types: tuple[str, ...] = RESOURCE_TYPES) -> set[str]:
