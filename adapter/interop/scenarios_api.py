@@ -10,7 +10,8 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from adapter.interop.context import InteropContext, ScenarioFailed, ScenarioSkipped, resource_ids
+from adapter.interop.context import (AdapterAnswer, InteropContext, ScenarioFailed,
+                                     ScenarioSkipped, resource_ids)
 from adapter.interop.loader import LoadedPatient
 from adapter.interop.testdata import BASE64_MARKER, LONG_MARKER, URL_MARKER
 from adapter.models import RESOURCE_TYPES
@@ -31,7 +32,7 @@ def _server_requires_auth(ctx: InteropContext, patient: LoadedPatient) -> bool:
     return ctx.server_requires_auth
 
 
-def _auth_search(ctx: InteropContext, patient: LoadedPatient, auth: bool | str):
+def _auth_search(ctx: InteropContext, patient: LoadedPatient, auth: bool | str) -> AdapterAnswer:
     return ctx.adapter_get("/fhir/Condition", [("patient", patient.patient_id),
                                                ("_content", "asthma")], auth=auth)
 
