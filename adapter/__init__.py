@@ -22,6 +22,9 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
 
     from adapter.api.async_routes import bp as async_bp
     from adapter.api.errors import register_error_handlers
+    from adapter.api.health import bp as ops_bp
+    from adapter.api.hosts import check_host, trusted_hosts
+    from adapter.api.observe import register_request_hooks
     from adapter.api.routes import bp
     from adapter.api.state import AppState
     from adapter.config import Settings, load_settings
@@ -33,10 +36,15 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     apply_cache_size(settings.doc_cache_size)
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["fhir_rerank"] = AppState(settings, source or make_source(settings),
-                                             jobs=make_job_runner(settings))
+                                             jobs=make_job_runner(settings),
+                                             trusted_hosts=trusted_hosts(settings))
+    register_request_hooks(app)
+    app.before_request(check_host)
     register_error_handlers(app)
     app.register_blueprint(bp)
     app.register_blueprint(async_bp)
+    app.register_blueprint(ops_bp)
     return app
 

@@ -34,47 +34,41 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 COMMON = ("fhir_base_url", "fhir_data", "reranker", "model", "device", "redis_url")
 
 
-class _QuietHandler:
-    """werkzeug request handler that logs method, path and status — never the query string."""
+def _quiet_handler() -> type:
+    """werkzeug request handler that logs nothing itself: the app logs each request
+    (adapter.access) without its query string, and werkzeug's own lines would quote it."""
+    from werkzeug.serving import WSGIRequestHandler
 
-    @staticmethod
-    def make() -> type:
-        from werkzeug.serving import WSGIRequestHandler
+    class Handler(WSGIRequestHandler):
+        def log(self, type: str, message: str, *args: Any) -> None:
+            logging.getLogger("adapter.access").debug("werkzeug %s", type)
 
-        from adapter.logsafe import redact_path
-
-        class Handler(WSGIRequestHandler):
-            def log_request(self, code: Any = "-", size: Any = "-") -> None:
-                logging.getLogger("adapter.access").info("%s %s %s", self.command,
-                                                         redact_path(self.path), code)
-
-        return Handler
+    return Handler
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings_from(args, COMMON + ("host", "port"))
+    if not args.dev:
+        from adapter.server import serve
+
+        return serve(settings, args.log_level)
     from werkzeug.serving import make_server
 
-    from adapter import create_app
     from adapter.errors import ModelLoadError
-    from adapter.rerank import get_reranker
+    from adapter.server import build_app
+    from adapter.startup import report_dependencies
 
-    settings = _settings_from(args, COMMON + ("host", "port"))
-    app = create_app(settings)
-    source = app.extensions["fhir_rerank"].source
-    log.info("FHIR source: %s", source.describe())
-    if not settings.redis_url:
-        try:
-            reranker = get_reranker(settings)
-        except ModelLoadError as exc:
-            log.error("refusing to start (reranker_required=true): %s", exc.message)
-            return 2
-        if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
-            log.info("reranker: %s", reranker.describe())
-    else:
-        log.info("reranking on Celery workers via %s", settings.redis_url.split("@")[-1])
+    report_dependencies(settings)
+    try:
+        app = build_app(settings)
+    except SystemExit:
+        return 2
+    except ModelLoadError:
+        return 2
     server = make_server(settings.host, settings.port, app, threaded=True,
-                         request_handler=_QuietHandler.make())
-    log.info("serving http://%s:%s/fhir", settings.host, server.port)
+                         request_handler=_quiet_handler())
+    log.info("serving http://%s:%s/fhir with the development server (--dev)", settings.host,
+             server.port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -129,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--dev", action="store_true",
+                       help="Werkzeug's development server instead of gunicorn")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker for some model tiers")

@@ -57,6 +57,22 @@ class Settings:
     broker_visibility_timeout: int = 3600
     redis_timeout: float = 2.0
     task_max_retries: int = 3
+    # serving, limits, health and metrics (fhir-rerank serve)
+    server_workers: int = 2
+    server_threads: int = 8
+    server_timeout: int = 120
+    server_graceful_timeout: int = 30
+    server_keepalive: int = 5
+    trusted_hosts: list[str] = field(default_factory=list)
+    max_request_line: int = 8190
+    max_header_count: int = 100
+    max_header_bytes: int = 8190
+    max_body_bytes: int = 1_000_000
+    max_question_chars: int = 2000
+    max_instruction_chars: int = 2000
+    max_parameters: int = 100
+    max_json_depth: int = 32
+    readyz_timeout: float = 2.0
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES
@@ -102,10 +118,20 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     files = [DEFAULT_CONFIG]
     if env.get(ENV_PREFIX + "CONFIG"):
         files.append(Path(env[ENV_PREFIX + "CONFIG"]))
+        if not files[-1].is_file():
+            raise ValueError(f"{ENV_PREFIX}CONFIG names {files[-1]}, which is not a file; fix the "
+                             f"path or unset {ENV_PREFIX}CONFIG")
     for path in files:
-        if path.exists():
-            with path.open("rb") as fh:
+        with path.open("rb") as fh:
+            try:
                 values.update(tomllib.load(fh))
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    known_env = {ENV_PREFIX + name.upper() for name in _FIELDS} | {ENV_PREFIX + "CONFIG"}
+    stray = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known_env)
+    if stray:
+        raise ValueError(f"unknown environment variable(s) {', '.join(stray)}: no such setting; "
+                         "see config/default.toml for the names (FHIR_RERANK_<NAME>)")
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()
         if key in env:

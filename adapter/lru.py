@@ -6,12 +6,15 @@ import threading
 from collections import OrderedDict
 from typing import Generic, Hashable, TypeVar
 
+from adapter.metrics import cache_lookup
+
 V = TypeVar("V")
 
 
 class LRU(Generic[V]):
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, name: str | None = None) -> None:
         self.maxsize = maxsize
+        self.name = name  # the `cache` label of fhir_rerank_cache_lookups_total
         self._data: OrderedDict[Hashable, V] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -20,7 +23,9 @@ class LRU(Generic[V]):
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
-            return value
+        if self.maxsize > 0:
+            cache_lookup(self.name, value is not None)
+        return value
 
     def put(self, key: Hashable, value: V) -> None:
         if self.maxsize <= 0:

@@ -22,6 +22,7 @@ from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, flatten_documen
 from adapter.fhir.search_params import filters_for
 from adapter.fhir.source import FhirSource
 from adapter.lru import LRU
+from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker, ScoreReport
 from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
@@ -77,17 +78,19 @@ def collect_documents(request: SearchRequest, source: FhirSource,
     """
     searches = [(t, upstream_params(request, t)) for t in request.types]
     limit = settings.max_resources
-    results: dict[str, FetchResult] = source.search_many(
-        searches, authorization=request.authorization, limit=limit)
+    with timed_stage("fetch"):
+        results: dict[str, FetchResult] = source.search_many(
+            searches, authorization=request.authorization, limit=limit)
     outcomes: list[Outcome] = []
     documents: list[Document] = []
     attachment_loader = _attachment_loader(source, request.authorization)
     for resource_type in request.types:
         result = results[resource_type]
         outcomes.extend(result.outcomes)
-        docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
-                                                attachment_loader=attachment_loader,
-                                                validate=False)
+        with timed_stage("flatten"):
+            docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
+                                                    attachment_loader=attachment_loader,
+                                                    validate=False)
         documents.extend(d for d in docs if d.type == resource_type)
         outcomes.extend(flat_outcomes)
     if request.patient and not documents:
@@ -115,7 +118,8 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
     for doc in documents:  # sources without URLs of their own (files) give "Type/id"
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"
-    candidates = bm25_recall(request.query, documents, request.recall) if documents else []
+    with timed_stage("recall"):
+        candidates = bm25_recall(request.query, documents, request.recall) if documents else []
     lenient = validation_outcome([d for d, _ in candidates])  # R4B check, candidates only
     if lenient:
         outcomes.append(lenient)
@@ -143,8 +147,9 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     recall_scores = [c["recall_score"] for c in payload["candidates"]]
     scores: list[float] = []
     if docs:
-        scores, report = _score(reranker, req["query"], req.get("instruction"), docs,
-                                on_progress)
+        with timed_stage("rerank"):
+            scores, report = _score(reranker, req["query"], req.get("instruction"), docs,
+                                    on_progress)
         outcomes.extend(_report_outcomes(report))
     elif on_progress:
         on_progress(0, 0)
@@ -165,7 +170,7 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
 #: Scores of whole rankings: the next page of a result (same query, same candidates) is
 #: answered without scoring again. Keyed by the reranker instance (one per model and settings
 #: in this process) and a digest of query, instruction and the candidates' ids and texts.
-SCORE_CACHE: LRU[tuple[list[float], ScoreReport]] = LRU(256)
+SCORE_CACHE: LRU[tuple[list[float], ScoreReport]] = LRU(256, "scores")
 
 
 def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[Document],

@@ -52,7 +52,7 @@ def served(tmp_path):
             try:
                 requests.get(base + "/metadata", timeout=1)
                 return base, log
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # bound, app still loading
                 time.sleep(0.2)
         raise AssertionError(f"serve did not come up: {log.read_text()}")
 

@@ -19,6 +19,7 @@ from adapter.api.errors import fhir_response, outcome_response
 from adapter.api.identity import caller_identity
 from adapter.api.state import state
 from adapter.jobs import JobStatus
+from adapter.metrics import JOBS
 
 log = logging.getLogger(__name__)
 bp = Blueprint("fhir_async", __name__, url_prefix="/fhir")
@@ -53,6 +54,8 @@ def _accepted(job_id: str, status: JobStatus | None = None) -> Response:
 
 def job_response(job_id: str, status: JobStatus) -> Response:
     """The HTTP answer for a job's status: 202 + progress, 200 + Bundle, or the error."""
+    if status.state in ("done", "failed"):
+        JOBS.labels(status.state).inc()  # each delivery of a finished job's answer
     if status.state == "done" and status.bundle is not None:
         return fhir_response(status.bundle)
     if status.state == "failed":
@@ -66,6 +69,7 @@ def answer_with_job(payload: dict[str, Any], model: str) -> Response:
     app_state = state()
     jobs, owner = app_state.jobs, _owner()
     job_id = jobs.submit(payload, model, owner)
+    JOBS.labels("submitted").inc()
     if _prefers_async():
         return _accepted(job_id)
     status = jobs.wait(job_id, owner, app_state.settings.sync_wait)
@@ -86,5 +90,6 @@ def poll_job(job_id: str) -> Response:
 @bp.delete(f"/{POLL_PATH}/<job_id>")
 def cancel_job(job_id: str) -> Response:
     state().jobs.cancel(job_id, _owner())
+    JOBS.labels("cancelled").inc()
     return outcome_response(202, "informational", f"job {job_id} cancelled",
                             severity="information")

@@ -5,8 +5,9 @@ import logging
 import traceback
 import uuid
 
-from flask import Flask, Response, json
+from flask import Flask, Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
 from adapter.errors import AdapterError
 from adapter.fhir.bundle import operation_outcome
@@ -15,7 +16,8 @@ from adapter.models import Outcome
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 
-_HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
+_HTTP_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 414: "too-costly",
+               415: "not-supported", 431: "too-costly"}
 
 
 def fhir_response(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -43,10 +45,25 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "invalid" if status < 500 else "exception")
         message = exc.description or exc.name
+        headers: dict[str, str] = {}
         if status == 404:
             message = ("no such endpoint; see /fhir/metadata for the resource types and "
                        "operations served")
-        return outcome_response(status, code, message)
+        elif status == 405:
+            message = (f"{request.method} is not allowed here; allowed: "
+                       f"{', '.join(getattr(exc, 'valid_methods', None) or [])}")
+        elif status == 413:
+            message = (f"the request body is larger than max_body_bytes = "
+                       f"{current_app.config.get('MAX_CONTENT_LENGTH')} bytes; send less or "
+                       "raise the setting")
+        if isinstance(exc, RequestRedirect):  # e.g. //fhir//metadata → /fhir/metadata
+            from adapter.api.hosts import public_location
+
+            headers["Location"] = public_location(exc.new_url)
+            message = "this resource lives at the Location given"
+            code = "informational"
+        return outcome_response(status, code, message, headers=headers,
+                                severity="information" if status < 400 else "error")
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> Response:

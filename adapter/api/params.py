@@ -5,6 +5,8 @@ parameters actually used (for the Bundle's self link) and warnings for ignored o
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,7 @@ def parse_search(pairs: list[tuple[str, str]], settings: Settings, *,
                  types: tuple[str, ...] | None, strict: bool,
                  query_param: str = "_content") -> ParsedSearch:
     """Validate parameters. `types` fixed by the route (type search) or None ($rerank: `_type`)."""
+    check_parameter_count(len(pairs), settings.max_parameters)
     values: dict[str, list[str]] = {}
     for name, value in pairs:
         values.setdefault(name, []).append(value)
@@ -79,6 +82,7 @@ def parse_search(pairs: list[tuple[str, str]], settings: Settings, *,
     if not query:
         raise BadRequest(f"`{query_param}` is required: give the question to rank by, e.g. "
                          f"{query_param}=chest%20pain", expression=query_param)
+    check_length(query_param, query, settings.max_question_chars, "max_question_chars")
     check_format((values.get("_format") or [None])[-1])
 
     req = SearchRequest(query=query, types=parsed_types, count=settings.default_count,
@@ -104,6 +108,8 @@ def parse_search(pairs: list[tuple[str, str]], settings: Settings, *,
         used.append(("recall", str(req.recall)))
     if values.get("instruction"):
         req.instruction = values["instruction"][-1].strip() or None
+        check_length("instruction", req.instruction or "", settings.max_instruction_chars,
+                     "max_instruction_chars")
         if req.instruction:
             used.append(("instruction", req.instruction))
     if values.get("model"):
@@ -140,13 +146,63 @@ def parse_search(pairs: list[tuple[str, str]], settings: Settings, *,
     return ParsedSearch(req, used, outcomes)
 
 
-def parameters_to_pairs(body: Any) -> list[tuple[str, str]]:
+def check_parameter_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise BadRequest(f"{count} parameters is more than max_parameters = {limit}; send fewer "
+                         "(unknown ones are ignored anyway)", expression="parameter")
+
+
+def check_length(name: str, value: str, limit: int, setting: str) -> None:
+    if len(value) > limit:
+        raise BadRequest(f"`{name}` is {len(value)} characters, more than {setting} = {limit}; "
+                         "ask a shorter question", expression=name)
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays/objects nest in a JSON text (brackets inside strings not counted)."""
+    skeleton = _BRACKETS_ONLY.sub("", _JSON_STRING.sub('""', text))
+    depth = deepest = 0
+    for char in skeleton:
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS_ONLY = re.compile(r"[^\[\]{}]+")
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
+    """The request body as JSON, refusing bodies nested deeper than `max_depth` (400)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadRequest("the POST body is not UTF-8 JSON; send a FHIR Parameters resource "
+                         "with Content-Type: application/fhir+json") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise BadRequest(f"the JSON body nests {depth} levels, more than max_json_depth = "
+                         f"{max_depth}; a Parameters resource needs about 4", expression="body")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise BadRequest("the POST body is not JSON; send a FHIR Parameters resource with "
+                         "Content-Type: application/fhir+json") from None
+
+
+def parameters_to_pairs(body: Any, max_parameters: int | None = None) -> list[tuple[str, str]]:
     """A FHIR Parameters resource (POST $rerank) as (name, value) pairs."""
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise BadRequest("the POST body must be a FHIR Parameters resource "
                          '({"resourceType": "Parameters", "parameter": [...]})')
+    params = body.get("parameter") or []
+    if not isinstance(params, list):
+        raise BadRequest("Parameters.parameter must be a list of {\"name\": ..., \"valueString\": "
+                         "...} entries", expression="Parameters.parameter")
+    if max_parameters is not None:
+        check_parameter_count(len(params), max_parameters)
     pairs: list[tuple[str, str]] = []
-    for index, param in enumerate(body.get("parameter") or []):
+    for index, param in enumerate(params):
         where = f"Parameters.parameter[{index}]"
         if not isinstance(param, dict) or not isinstance(param.get("name"), str):
             raise BadRequest(f"{where} needs a `name`", expression=where)

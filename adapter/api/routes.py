@@ -8,20 +8,16 @@ from flask import Blueprint, Response, request
 from adapter import __version__
 from adapter.api.capability import capability_statement, operation_definition
 from adapter.api.errors import fhir_response
-from adapter.api.params import check_format, parameters_to_pairs, parse_search
+from adapter.api.hosts import api_base
+from adapter.api.params import check_format, parameters_to_pairs, parse_json_body, parse_search
 from adapter.api.state import state
-from adapter.errors import BadRequest, NotAcceptable, NotFound
+from adapter.errors import NotAcceptable, NotFound
 from adapter.models import RESOURCE_TYPES
 from adapter.api.async_routes import answer_with_job
 from adapter.pipeline import LinkContext, prepare_search
 
 log = logging.getLogger(__name__)
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
-
-
-def api_base() -> str:
-    configured = state().settings.public_base_url
-    return configured.rstrip("/") if configured else request.url_root.rstrip("/") + "/fhir"
 
 
 @bp.before_request
@@ -89,11 +85,9 @@ def patient_rerank(patient_id: str) -> Response:
 def _operation_pairs() -> list[tuple[str, str]]:
     pairs = list(request.args.items(multi=True))
     if request.method == "POST":
-        body = request.get_json(force=True, silent=True)
-        if body is None:
-            raise BadRequest("the POST body is not JSON; send a FHIR Parameters resource with "
-                             "Content-Type: application/fhir+json")
-        pairs += parameters_to_pairs(body)
+        settings = state().settings
+        body = parse_json_body(request.get_data(cache=False), settings.max_json_depth)
+        pairs += parameters_to_pairs(body, settings.max_parameters)
     return pairs
 
 

@@ -15,6 +15,7 @@ class AppState:
     settings: Settings
     source: FhirSource
     jobs: Any = None  # adapter.jobs.JobRunner
+    trusted_hosts: frozenset[str] = frozenset()  # adapter.api.hosts: Host headers answered
 
 
 def state() -> AppState:

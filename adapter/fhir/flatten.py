@@ -226,8 +226,8 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
 #: Flattened text, and R4B problems, per resource *version*: a FHIR server gives a changed
 #: resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
 #: Resources without either are never cached. Size: settings.doc_cache_size.
-FLATTEN_CACHE: LRU[str] = LRU(10000)
-PROBLEMS_CACHE: LRU[list[str]] = LRU(10000)
+FLATTEN_CACHE: LRU[str] = LRU(10000, "flattened_text")
+PROBLEMS_CACHE: LRU[list[str]] = LRU(10000, "validation")
 
 
 def _version_key(resource: dict, full_url: str) -> tuple | None:

@@ -13,10 +13,11 @@ import threading
 
 from adapter.config import Settings
 from adapter.errors import BadRequest, ModelLoadError
+from adapter.metrics import MODEL_LOADS
 from adapter.rerank.base import Reranker, ScoreReport
 from adapter.rerank.bm25_only import BM25OnlyReranker
 
-__all__ = ["Reranker", "ScoreReport", "get_reranker", "reset_rerankers", "BACKENDS"]
+__all__ = ["Reranker", "ScoreReport", "get_reranker", "peek_reranker", "reset_rerankers", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("qwen3", "none")
@@ -26,29 +27,47 @@ _lock = threading.Lock()
 
 def _load(settings: Settings, model: str) -> Reranker:
     if settings.reranker == "none":
+        MODEL_LOADS.labels("none", "loaded").inc()
         return BM25OnlyReranker()
     if settings.reranker != "qwen3":
         raise BadRequest(f"unknown reranker {settings.reranker!r}; use one of {', '.join(BACKENDS)}")
     from adapter.rerank.qwen3 import Qwen3Reranker  # torch/transformers only when needed
 
     try:
-        return Qwen3Reranker(model, device=settings.device, dtype=settings.dtype,
-                             max_length=settings.max_length, batch_tokens=settings.batch_tokens,
-                             instruction=settings.instruction)
+        loaded = Qwen3Reranker(model, device=settings.device, dtype=settings.dtype,
+                               max_length=settings.max_length,
+                               batch_tokens=settings.batch_tokens,
+                               instruction=settings.instruction)
+        MODEL_LOADS.labels("qwen3", "loaded").inc()
+        return loaded
     except ModelLoadError as exc:
         if settings.reranker_required:
+            MODEL_LOADS.labels("qwen3", "failed").inc()
             raise
+        MODEL_LOADS.labels("qwen3", "fallback").inc()
         log.warning("reranker: serving BM25 order, the model is unavailable: %s", exc.message)
         fallback = BM25OnlyReranker()
         fallback.fallback_reason = exc.message  # type: ignore[attr-defined]
         return fallback
 
 
+def _key(settings: Settings, model: str) -> tuple:
+    return (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
+            settings.batch_tokens, settings.instruction, settings.reranker_required)
+
+
+def peek_reranker(settings: Settings, model: str | None = None) -> Reranker | None:
+    """The reranker for `model` if this process has loaded it already (readiness), else None."""
+    if settings.reranker == "none":
+        return get_reranker(settings, model)  # nothing to load
+    with _lock:
+        return _cache.get(_key(settings, model or settings.model))
+
+
 def get_reranker(settings: Settings, model: str | None = None) -> Reranker:
     """The process-wide reranker for (backend, model, device, dtype, …), loaded once."""
     model = model or settings.model
-    key = (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
-           settings.batch_tokens, settings.instruction, settings.reranker_required)
+    key = _key(settings, model)
     with _lock:
         if key not in _cache:
             _cache[key] = _load(settings, model)

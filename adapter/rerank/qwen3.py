@@ -93,6 +93,44 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+_hub_probe: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Can this process open a TCP connection to the model hub? (checked once per process)
+
+    Without this, an offline machine that did not set HF_HUB_OFFLINE spends ~25 s in
+    huggingface_hub's retries (5 backoffs per file) before falling back to the local cache.
+    Behind an HTTP(S) proxy the direct probe says nothing, so the hub is assumed reachable.
+    """
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _hub_probe:
+        if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+            _hub_probe[endpoint] = True
+        else:
+            import socket
+
+            parts = urlsplit(endpoint)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            result: list[bool] = []
+
+            def probe() -> None:  # in a thread: a failing DNS lookup ignores socket timeouts
+                try:
+                    socket.create_connection((parts.hostname or "", port),
+                                             timeout=timeout).close()
+                    result.append(True)
+                except OSError:
+                    result.append(False)
+
+            thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+            thread.start()
+            thread.join(timeout)
+            _hub_probe[endpoint] = bool(result and result[0])
+    return _hub_probe[endpoint]
+
+
 def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
     """One line: what was tried, why it failed, and the three ways out."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
@@ -160,7 +198,12 @@ def load_reranker_model(name: str, device: str, dtype: torch.dtype) -> LoadedMod
             return _loaded[key]
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        hub = {"local_files_only": True} if _hub_offline() else {}
+        offline = _hub_offline()
+        if not offline and not Path(model_id).expanduser().exists() and not _hub_reachable():
+            offline = True
+            logger.info("model hub unreachable: loading %s from the local cache only (set "
+                        "HF_HUB_OFFLINE=1 to skip this check)", model_id)
+        hub = {"local_files_only": True} if offline else {}
         try:
             config = AutoConfig.from_pretrained(model_id, **hub)
             if getattr(config, "model_type", "") != "qwen3":

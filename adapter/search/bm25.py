@@ -28,7 +28,7 @@ K1, B, EPSILON = 1.5, 0.75, 0.0
 
 
 #: Tokens per document text, reused across searches over the same record.
-TOKEN_CACHE: LRU[list[str]] = LRU(10000)
+TOKEN_CACHE: LRU[list[str]] = LRU(10000, "bm25_tokens")
 
 
 def tokenize_cached(text: str) -> list[str]:
@@ -69,7 +69,7 @@ class BM25Index:
 
 #: Whole indexes per corpus: the same record searched again (another question, the next
 #: page) reuses its index. Keyed by the texts themselves; small, since each holds a corpus.
-INDEX_CACHE: LRU[BM25Index] = LRU(32)
+INDEX_CACHE: LRU[BM25Index] = LRU(32, "bm25_index")
 
 
 def index_for(texts: list[str]) -> BM25Index:

@@ -1,0 +1,125 @@
+"""Readiness probes: is each dependency of the API usable right now?
+
+Used by `GET /readyz` and by `fhir-rerank serve` at start-up (one log line per dependency).
+Each probe returns a `Check` and never raises; each is bounded by `readyz_timeout`.
+- fhir: the FHIR server answers `GET [base]/metadata` (any status below 500), or the file
+  source holds resources;
+- redis: `PING` answers (only when `redis_url` is set);
+- workers: a Celery worker consumes the queue of every model in `models_allowed` (Celery's
+  `inspect().active_queues()`);
+- models: in-process mode only: the reranker of every allowed model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from adapter.config import Settings
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_source(source: Any, timeout: float) -> Check:
+    base = getattr(source, "base_url", None)
+    if base:
+        import requests
+
+        where = urlsplit(base)._replace(query="", fragment="").geturl()
+        try:
+            resp = requests.get(base + "/metadata", timeout=timeout,
+                                headers={"Accept": "application/fhir+json"})
+        except requests.RequestException as exc:
+            return Check("fhir", False, f"{where} unreachable ({type(exc).__name__})")
+        ok = resp.status_code < 500
+        return Check("fhir", ok, f"{where} answered {resp.status_code} to /metadata")
+    try:
+        count = source.count()
+    except Exception as exc:  # unreadable directory and the like
+        return Check("fhir", False, f"file source unreadable ({type(exc).__name__})")
+    return Check("fhir", count > 0, f"file source with {count} resources")
+
+
+def redis_where(url: str) -> str:
+    """host:port/db of a Redis URL, without credentials."""
+    return url.split("@")[-1].split("://")[-1]
+
+
+def probe_redis(settings: Settings) -> Check:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.readyz_timeout,
+                                      socket_connect_timeout=settings.readyz_timeout)
+        client.ping()
+        client.close()
+    except (redis.RedisError, OSError) as exc:
+        return Check("redis", False, f"{redis_where(settings.redis_url)} unreachable "
+                                     f"({type(exc).__name__})")
+    return Check("redis", True, f"{redis_where(settings.redis_url)} answers PING")
+
+
+def expected_queues(settings: Settings) -> dict[str, list[str]]:
+    """queue name → the allowed models whose jobs go there."""
+    from adapter.jobs import queue_for_model
+
+    queues: dict[str, list[str]] = {}
+    for model in dict.fromkeys([settings.model, *settings.models_allowed]):
+        queues.setdefault(queue_for_model(settings, model), []).append(model)
+    return queues
+
+
+def probe_workers(settings: Settings, celery_app: Any) -> Check:
+    """Every allowed model's queue has a consuming worker (names the command when not)."""
+    try:
+        replies = celery_app.control.inspect(timeout=settings.readyz_timeout).active_queues()
+    except Exception as exc:  # broker down: kombu/redis errors of several kinds
+        return Check("workers", False, f"could not ask the workers ({type(exc).__name__})")
+    consumers: dict[str, int] = {}
+    for queues in (replies or {}).values():
+        for queue in queues or []:
+            consumers[queue.get("name", "")] = consumers.get(queue.get("name", ""), 0) + 1
+    missing = [(q, models) for q, models in expected_queues(settings).items()
+               if not consumers.get(q)]
+    if missing:
+        return Check("workers", False, "; ".join(
+            f"no worker consumes {q} (models {', '.join(m)}); start one with `fhir-rerank "
+            f"worker --tiers {m[0]}`" for q, m in missing))
+    live = ", ".join(f"{q}: {consumers[q]} worker(s)" for q in expected_queues(settings))
+    return Check("workers", True, live)
+
+
+def probe_models(settings: Settings) -> Check:
+    """In-process mode: each allowed model's reranker is loaded in this process."""
+    from adapter.rerank import peek_reranker
+
+    parts, ok = [], True
+    for model in dict.fromkeys([settings.model, *settings.models_allowed]):
+        reranker = peek_reranker(settings, model)
+        if reranker is None:
+            ok = False
+            parts.append(f"{model}: not loaded")
+        elif getattr(reranker, "fallback_reason", None):
+            parts.append(f"{model}: unavailable, serving BM25 order")
+        else:
+            parts.append(f"{model}: {reranker.describe()}")
+    return Check("models", ok, "; ".join(parts))
+
+
+def readiness(settings: Settings, source: Any, jobs: Any) -> list[Check]:
+    checks = [probe_source(source, settings.readyz_timeout)]
+    if settings.redis_url:
+        checks.append(probe_redis(settings))
+        checks.append(probe_workers(settings, jobs.app) if checks[-1].ok else
+                      Check("workers", False, "unknown: Redis is unreachable"))
+    else:
+        checks.append(probe_models(settings))
+    return checks

@@ -1,0 +1,221 @@
+"""The production server: gunicorn running `create_app()`, configured from Settings.
+
+`fhir-rerank serve` calls `serve(settings)`: gunicorn's threaded worker with one change
+(`OutcomeWorker`): requests gunicorn itself refuses before the app sees them (a malformed or
+over-long request line, too many or too large headers, a bad HTTP version) are answered with
+an OperationOutcome instead of gunicorn's HTML page, and logged without the request line
+(it may hold a patient id or a question). Workers, threads and timeouts come from the
+`server_*` settings, request limits from `max_request_line` / `max_header_*`.
+
+Without `redis_url` jobs run in the API process, so one server process is started whatever
+`server_workers` says: a job polled through another process would not be found there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import ThreadWorker
+
+from adapter.config import Settings
+
+log = logging.getLogger("adapter.server")
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+APP_LOAD_ERROR = 4  # gunicorn's exit status when a worker cannot load the app
+
+
+def _refusal(exc: BaseException, cfg: Any) -> tuple[int, str, str, str]:
+    """(status, reason, issue code, message) for a request gunicorn refused to parse."""
+    if isinstance(exc, http_errors.LimitRequestLine):
+        return (414, "URI Too Long", "too-costly",
+                f"the request line is longer than max_request_line = {cfg.limit_request_line} "
+                "bytes; send long searches as POST $rerank with a Parameters body")
+    if isinstance(exc, http_errors.LimitRequestHeaders):
+        return (431, "Request Header Fields Too Large", "too-costly",
+                f"too many header fields or one too large (max_header_count = "
+                f"{cfg.limit_request_fields}, max_header_bytes = "
+                f"{cfg.limit_request_field_size}); send fewer or smaller headers")
+    if isinstance(exc, http_errors.InvalidHTTPVersion):
+        return (400, "Bad Request", "invalid",
+                "the HTTP version of the request line is not supported; use HTTP/1.1")
+    if isinstance(exc, http_errors.ExpectationFailed):
+        return 417, "Expectation Failed", "invalid", "only `Expect: 100-continue` is supported"
+    if isinstance(exc, (http_errors.InvalidHeader, http_errors.InvalidHeaderName,
+                        http_errors.ObsoleteFolding)):
+        return (400, "Bad Request", "invalid",
+                "a request header is malformed (name, value or line folding); check the headers")
+    if isinstance(exc, http_errors.UnsupportedTransferCoding):
+        return (400, "Bad Request", "not-supported",
+                "the Transfer-Encoding is not supported; send the body with Content-Length or "
+                "chunked")
+    return (400, "Bad Request", "invalid",
+            "the request line is malformed: it must be `METHOD /path?query HTTP/1.1` with the "
+            "URL percent-encoded (no spaces, tabs or other whitespace inside it)")
+
+
+def _client_error_types() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(http_errors, name) for name in (
+        "ParseException", "NoMoreData", "InvalidRequestLine", "InvalidRequestMethod",
+        "InvalidHTTPVersion", "InvalidHeader", "InvalidHeaderName", "LimitRequestLine",
+        "LimitRequestHeaders", "InvalidProxyLine", "ForbiddenProxyRequest",
+        "InvalidSchemeHeaders", "UnsupportedTransferCoding", "ObsoleteFolding",
+        "ExpectationFailed", "InvalidChunkSize", "ChunkMissingTerminator",
+        "InvalidChunkExtension", "ConfigurationProblem") if hasattr(http_errors, name))
+
+
+def outcome_bytes(status: int, reason: str, code: str, message: str,
+                  incident: str | None = None) -> bytes:
+    """A whole HTTP/1.1 response carrying one OperationOutcome; the connection closes after."""
+    outcome: dict[str, Any] = {"resourceType": "OperationOutcome",
+                               "issue": [{"severity": "error", "code": code,
+                                          "diagnostics": message}]}
+    if incident:
+        outcome["id"] = incident
+    body = json.dumps(outcome).encode("utf-8")
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: {FHIR_JSON}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def _close_gently(sock: socket.socket, budget_s: float = 1.0, max_bytes: int = 1 << 20) -> None:
+    """Half-close, then read what the client still sends (bounded), so that closing with
+    unread input does not reset the connection before the client has read our answer."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.2)
+        deadline, drained = time.monotonic() + budget_s, 0
+        while time.monotonic() < deadline and drained < max_bytes:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
+
+
+class OutcomeWorker(ThreadWorker):
+    """gunicorn's threaded worker, answering its own refusals as FHIR OperationOutcomes."""
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        from adapter.metrics import REQUESTS
+
+        if isinstance(exc, _client_error_types()):
+            status, reason, code, message = _refusal(exc, self.cfg)
+            incident = None
+            # The exception text quotes the request line or header: patient data. Type only.
+            log.warning("refused a malformed request: %s (%s)", type(exc).__name__, status)
+        else:
+            status, reason, code = 500, "Internal Server Error", "exception"
+            incident = uuid.uuid4().hex[:12]
+            message = (f"internal error {incident}; the server log has the details under "
+                       "this id")
+            log.error("internal error %s in the HTTP layer: %s", incident, type(exc).__name__)
+        REQUESTS.labels("malformed", "-", str(status)).inc()
+        try:
+            client.sendall(outcome_bytes(status, reason, code, message, incident))
+            _close_gently(client)
+        except OSError:
+            log.debug("could not send the error answer")
+
+
+class ProductionServer(BaseApplication):
+    """gunicorn configured from a dict of options; each worker builds its own app."""
+
+    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+        self.settings = settings
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return build_app(self.settings)
+
+
+def build_app(settings: Settings) -> Any:
+    """Create the app in this (worker) process and load its reranker before serving."""
+    import sys
+
+    from adapter import create_app
+    from adapter.errors import ModelLoadError
+    from adapter.rerank import get_reranker
+
+    app = create_app(settings)
+    if not settings.redis_url:
+        try:
+            reranker = get_reranker(settings)
+        except ModelLoadError as exc:
+            log.error("refusing to start (reranker_required=true): %s", exc.message)
+            sys.exit(APP_LOAD_ERROR)
+        if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
+            log.info("reranker: %s", reranker.describe())
+    return app
+
+
+def server_processes(settings: Settings) -> int:
+    return max(1, settings.server_workers) if settings.redis_url else 1
+
+
+def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, Any]:
+    from adapter.metrics import mark_process_dead
+
+    return {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": server_processes(settings),
+        "threads": max(1, settings.server_threads),
+        "worker_class": "adapter.server.OutcomeWorker",
+        "timeout": settings.server_timeout,
+        "graceful_timeout": settings.server_graceful_timeout,
+        "keepalive": settings.server_keepalive,
+        "limit_request_line": settings.max_request_line,
+        "limit_request_fields": settings.max_header_count,
+        "limit_request_field_size": settings.max_header_bytes,
+        "accesslog": None,  # the app logs each request (adapter.access) without its query
+        "errorlog": "-",
+        "loglevel": log_level.lower(),
+        "proc_name": "fhir-rerank",
+        "control_socket_disable": True,
+        "child_exit": lambda _arbiter, worker: mark_process_dead(worker.pid),
+    }
+
+
+def serve(settings: Settings, log_level: str = "info") -> int:
+    """Run gunicorn in the foreground until stopped; 2 when the app cannot start."""
+    from adapter.metrics import MULTIPROC_ENV
+
+    master = os.getpid()  # gunicorn forks workers inside run(): they unwind through here too
+    own_dir = not os.environ.get(MULTIPROC_ENV)
+    metrics_dir = tempfile.mkdtemp(prefix="fhir-rerank-metrics-") if own_dir \
+        else os.environ[MULTIPROC_ENV]
+    os.environ[MULTIPROC_ENV] = metrics_dir  # before any metric exists in this process tree
+    try:
+        from adapter.startup import report_dependencies
+
+        report_dependencies(settings)
+        if not settings.redis_url and settings.server_workers > 1:
+            log.info("jobs run in-process (no redis_url): 1 server process instead of "
+                     "server_workers = %d, so that every job is readable", settings.server_workers)
+        log.info("serving http://%s:%s/fhir with gunicorn: %d process(es) x %d threads",
+                 settings.host, settings.port, server_processes(settings),
+                 max(1, settings.server_threads))
+        ProductionServer(settings, gunicorn_options(settings, log_level)).run()
+    except SystemExit as exc:
+        if os.getpid() != master:
+            raise
+        return 0 if exc.code in (0, None) else 2
+    finally:
+        if own_dir and os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop(MULTIPROC_ENV, None)
+    return 0

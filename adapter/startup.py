@@ -1,0 +1,47 @@
+"""One start-up log line per dependency of `fhir-rerank serve`, before the first request.
+
+A dependency that is down is reported (WARNING, with what to do) but does not stop start-up:
+/readyz stays 503 until it answers. Nothing here loads patient data.
+"""
+from __future__ import annotations
+
+import logging
+
+from adapter.config import Settings
+from adapter.health import probe_redis, probe_source, probe_workers
+
+log = logging.getLogger("adapter.startup")
+
+
+def _line(ok: bool, message: str, *args: object) -> None:
+    (log.info if ok else log.warning)(message, *args)
+
+
+def report_dependencies(settings: Settings) -> None:
+    if settings.fhir_base_url:
+        from adapter.fhir import make_source
+
+        check = probe_source(make_source(settings), settings.readyz_timeout)
+        _line(check.ok, "FHIR source: %s%s", check.detail,
+              "" if check.ok else "; searches answer 502 until it is reachable")
+    else:
+        data = settings.data_dir()
+        _line(data.is_dir(), "FHIR source: files under %s%s", data,
+              "" if data.is_dir() else " (no such directory; set fhir_data)")
+    if not settings.redis_url:
+        log.info("jobs: in-process (no redis_url); reranker %s loads in the server process",
+                 settings.reranker)
+        return
+    check = probe_redis(settings)
+    _line(check.ok, "Redis: %s%s", check.detail,
+          "" if check.ok else "; jobs answer 503 until it is reachable")
+    if not check.ok:
+        return
+    from adapter.tasks import make_celery
+
+    celery_app = make_celery(settings, set_as_current=False)
+    try:
+        check = probe_workers(settings, celery_app)
+    finally:
+        celery_app.close()
+    _line(check.ok, "workers: %s", check.detail)
