@@ -37,6 +37,9 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # No redirects at all (werkzeug would 308 `//fhir//metadata` to a Location built from the
+    # Host header): such paths are a plain 404 OperationOutcome.
+    app.url_map.merge_slashes = False
     app.extensions["fhir_rerank"] = AppState(settings, source or make_source(settings),
                                              jobs=make_job_runner(settings),
                                              trusted_hosts=trusted_hosts(settings))

@@ -7,7 +7,6 @@ import uuid
 
 from flask import Flask, Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.routing import RequestRedirect
 
 from adapter.errors import AdapterError
 from adapter.fhir.bundle import operation_outcome
@@ -50,20 +49,14 @@ def register_error_handlers(app: Flask) -> None:
             message = ("no such endpoint; see /fhir/metadata for the resource types and "
                        "operations served")
         elif status == 405:
-            message = (f"{request.method} is not allowed here; allowed: "
-                       f"{', '.join(getattr(exc, 'valid_methods', None) or [])}")
+            allowed = ", ".join(getattr(exc, "valid_methods", None) or [])
+            message = f"{request.method} is not allowed here; allowed: {allowed}"
+            headers["Allow"] = allowed
         elif status == 413:
             message = (f"the request body is larger than max_body_bytes = "
                        f"{current_app.config.get('MAX_CONTENT_LENGTH')} bytes; send less or "
                        "raise the setting")
-        if isinstance(exc, RequestRedirect):  # e.g. //fhir//metadata → /fhir/metadata
-            from adapter.api.hosts import public_location
-
-            headers["Location"] = public_location(exc.new_url)
-            message = "this resource lives at the Location given"
-            code = "informational"
-        return outcome_response(status, code, message, headers=headers,
-                                severity="information" if status < 400 else "error")
+        return outcome_response(status, code, message, headers=headers)
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> Response:

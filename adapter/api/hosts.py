@@ -1,6 +1,7 @@
 """Links come from configuration, never from whatever Host header a caller sends.
 
-Bundle links, fullUrls, the async Content-Location and redirect Locations are built from
+Bundle links, fullUrls and the async Content-Location are built from (there are no redirects:
+the URL map does not merge slashes)
 `public_base_url` when set, else from the request's Host, which must then be one of
 `trusted_hosts` (default: localhost, 127.0.0.1 and [::1], bare or on the served `port`).
 Any other Host is a 400 before a route runs.
@@ -52,10 +53,3 @@ def api_base() -> str:
     configured = state().settings.public_base_url
     return configured.rstrip("/") if configured else request.url_root.rstrip("/") + "/fhir"
 
-
-def public_location(url: str) -> str:
-    """A redirect target rebuilt on the configured base (the path below /fhir is kept)."""
-    parts = urlsplit(url)
-    path = parts.path
-    tail = path[len("/fhir"):] if path == "/fhir" or path.startswith("/fhir/") else path
-    return api_base() + tail + (f"?{parts.query}" if parts.query else "")

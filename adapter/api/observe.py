@@ -29,6 +29,9 @@ def register_request_hooks(app: Flask) -> None:
 
     @app.after_request
     def _observe(response: Response) -> Response:
+        if request.method == "OPTIONS" and response.status_code == 200 and not response.data:
+            response.status_code = 204  # Flask's automatic OPTIONS: Allow header, no body
+            del response.headers["Content-Type"]
         started = g.get("request_started")
         elapsed = time.perf_counter() - started if started is not None else 0.0
         route, method = _route_template(), request.method
