@@ -192,8 +192,9 @@ def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, A
 
 def serve(settings: Settings, log_level: str = "info") -> int:
     """Run gunicorn in the foreground until stopped; 2 when the app cannot start."""
-    from adapter.metrics import MULTIPROC_ENV
-
+    # Not imported from adapter.metrics: importing prometheus_client before this variable is
+    # set would fix every process of the tree in single-process mode.
+    MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
     master = os.getpid()  # gunicorn forks workers inside run(): they unwind through here too
     own_dir = not os.environ.get(MULTIPROC_ENV)
     metrics_dir = tempfile.mkdtemp(prefix="fhir-rerank-metrics-") if own_dir \

@@ -249,3 +249,16 @@ def test_huge_headers_are_431(server):
     many = b"".join(b"X-%d: y\r\n" % i for i in range(300))
     assert get(server, b"/fhir/metadata", many) == 431
     assert get(server, b"/fhir/metadata", b"X-Big: " + b"a" * 20_000 + b"\r\n") == 431
+
+
+# runs last: it counts what every test above sent
+def test_metrics_add_up_across_gunicorn_and_the_app(server):
+    """Multiprocess mode: the app's counters and the HTTP layer's refusals reach /metrics."""
+    answer = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Connection: close\r\n\r\n", count=False)
+    text = answer.partition(b"\r\n\r\n")[2].decode()
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("fhir_rerank_requests_total{"))
+    assert counted >= 0.9 * SENT["count"], (counted, SENT)
+    assert 'route="malformed",status="400"' in text and 'route="malformed",status="414"' in text
+
