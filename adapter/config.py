@@ -58,7 +58,7 @@ class Settings:
     redis_timeout: float = 2.0
     task_max_retries: int = 3
     # serving, limits, health and metrics (fhir-rerank serve)
-    server_workers: int = 2
+    server_workers: int = 0
     server_threads: int = 8
     server_timeout: int = 120
     server_graceful_timeout: int = 30

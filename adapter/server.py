@@ -7,8 +7,9 @@ an OperationOutcome instead of gunicorn's HTML page, and logged without the requ
 (it may hold a patient id or a question). Workers, threads and timeouts come from the
 `server_*` settings, request limits from `max_request_line` / `max_header_*`.
 
-Without `redis_url` jobs run in the API process, so one server process is started whatever
-`server_workers` says: a job polled through another process would not be found there.
+Without `redis_url` jobs run in the API process, so `server_workers = 0` (auto) starts one
+server process: a job polled through another process would not be found there. An explicit
+`server_workers` above 1 is honoured with a warning (fine for synchronous searches only).
 """
 from __future__ import annotations
 
@@ -164,7 +165,10 @@ def build_app(settings: Settings) -> Any:
 
 
 def server_processes(settings: Settings) -> int:
-    return max(1, settings.server_workers) if settings.redis_url else 1
+    """`server_workers`, or when 0: the CPU count with Redis, 1 without (in-process jobs)."""
+    if settings.server_workers > 0:
+        return settings.server_workers
+    return max(2, os.cpu_count() or 1) if settings.redis_url else 1
 
 
 def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, Any]:
@@ -205,8 +209,10 @@ def serve(settings: Settings, log_level: str = "info") -> int:
 
         report_dependencies(settings)
         if not settings.redis_url and settings.server_workers > 1:
-            log.info("jobs run in-process (no redis_url): 1 server process instead of "
-                     "server_workers = %d, so that every job is readable", settings.server_workers)
+            log.warning("server_workers = %d without redis_url: each process keeps its own "
+                        "in-process jobs, so a 202's Content-Location may be answered 404 by "
+                        "another process; set redis_url for asynchronous searches",
+                        settings.server_workers)
         log.info("serving http://%s:%s/fhir with gunicorn: %d process(es) x %d threads",
                  settings.host, settings.port, server_processes(settings),
                  max(1, settings.server_threads))
