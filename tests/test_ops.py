@@ -212,3 +212,13 @@ def test_serve_refuses_a_misspelt_variable_with_the_reason(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "FHIR_RERANK_REDIS_ULR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_upstream_meta_that_is_not_a_string_is_not_a_500():
+    """Found by fuzzing an upstream: meta.versionId as a list made the cache key unhashable."""
+    from adapter.fhir.flatten import flatten_documents
+
+    resource = {"resourceType": "Condition", "id": "c1", "meta": {"versionId": ["1", "2"]},
+                "code": {"text": "asthma"}, "subject": {"reference": "Patient/p"}}
+    docs, _ = flatten_documents([resource], ["Condition/c1"], validate=False)
+    assert len(docs) == 1 and "asthma" in docs[0].text

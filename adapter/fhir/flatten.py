@@ -237,6 +237,8 @@ def _version_key(resource: dict, full_url: str) -> tuple | None:
     version, updated = meta.get("versionId"), meta.get("lastUpdated")
     if not version and not updated:
         return None
+    if not isinstance(version, (str, type(None))) or not isinstance(updated, (str, type(None))):
+        return None  # malformed upstream meta (e.g. a list): not a version, and unhashable
     return (full_url, resource.get("resourceType"), resource.get("id"), version, updated)
 
 
