@@ -222,3 +222,19 @@ def test_upstream_meta_that_is_not_a_string_is_not_a_500():
                 "code": {"text": "asthma"}, "subject": {"reference": "Patient/p"}}
     docs, _ = flatten_documents([resource], ["Condition/c1"], validate=False)
     assert len(docs) == 1 and "asthma" in docs[0].text
+
+
+def test_readyz_counts_a_live_worker_per_queue(redis_server, celery_workers):
+    settings = {"redis_url": redis_server.url, "reranker": "none", "model": "0.6B",
+                "models_allowed": ["0.6B"], "readyz_timeout": 1.0}
+    worker = celery_workers.start("readyz-06", ["rerank.0.6B"], settings)
+    try:
+        app = client(**settings)
+        resp = app.get("/readyz")
+        assert resp.status_code == 200, resp.get_json()
+        workers = [c for c in resp.get_json()["checks"] if c["name"] == "workers"][0]
+        assert workers["detail"] == "rerank.0.6B: 1 worker(s)"
+    finally:
+        worker.stop()
+    resp = app.get("/readyz")
+    assert resp.status_code == 503 and "--tiers 0.6B" in resp.get_data(as_text=True)
