@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -144,6 +145,17 @@ class ProductionServer(BaseApplication):
         return build_app(self.settings)
 
 
+#: The gunicorn worker of this process (set by the post_fork hook), kept alive while loading.
+_booting: dict[str, Any] = {}
+
+
+def _heartbeat_while_loading(stop: threading.Event) -> None:
+    """A model load may outlast `server_timeout`; gunicorn would kill a silent booting worker."""
+    worker = _booting.get("worker")
+    while worker is not None and not stop.wait(2.0):
+        worker.notify()
+
+
 def build_app(settings: Settings) -> Any:
     """Create the app in this (worker) process and load its reranker before serving."""
     import sys
@@ -152,15 +164,21 @@ def build_app(settings: Settings) -> Any:
     from adapter.errors import ModelLoadError
     from adapter.rerank import get_reranker
 
-    app = create_app(settings)
-    if not settings.redis_url:
-        try:
-            reranker = get_reranker(settings)
-        except ModelLoadError as exc:
-            log.error("refusing to start (reranker_required=true): %s", exc.message)
-            sys.exit(APP_LOAD_ERROR)
-        if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
-            log.info("reranker: %s", reranker.describe())
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat_while_loading, args=(stop,), daemon=True,
+                     name="boot-heartbeat").start()
+    try:
+        app = create_app(settings)
+        if not settings.redis_url:
+            try:
+                reranker = get_reranker(settings)
+            except ModelLoadError as exc:
+                log.error("refusing to start (reranker_required=true): %s", exc.message)
+                sys.exit(APP_LOAD_ERROR)
+            if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
+                log.info("reranker: %s", reranker.describe())
+    finally:
+        stop.set()
     return app
 
 
@@ -190,6 +208,7 @@ def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, A
         "loglevel": log_level.lower(),
         "proc_name": "fhir-rerank",
         "control_socket_disable": True,
+        "post_fork": lambda _arbiter, worker: _booting.update(worker=worker),
         "child_exit": lambda _arbiter, worker: mark_process_dead(worker.pid),
     }
 
