@@ -18,6 +18,10 @@ def _line(ok: bool, message: str, *args: object) -> None:
 
 
 def report_dependencies(settings: Settings) -> None:
+    if settings.host in ("0.0.0.0", "::") and not (settings.trusted_hosts
+                                                  or settings.public_base_url):
+        log.warning("listening on all interfaces, but only Host localhost / 127.0.0.1 is "
+                    "answered; set trusted_hosts (the names clients use) or public_base_url")
     if settings.fhir_base_url:
         from adapter.fhir import make_source
 
