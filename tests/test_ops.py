@@ -155,14 +155,15 @@ def test_readyz_with_redis_down_is_not_ready(redis_server):
 
 
 def test_readyz_with_no_worker_on_a_tier_names_the_command(redis_server):
-    app = client(redis_url=redis_server.url, readyz_timeout=0.5, models_allowed=["0.6B", "4B"],
-                 model="0.6B")
+    # queues of their own: other tests' workers on the session's Redis must not count
+    app = client(redis_url=redis_server.url, readyz_timeout=0.5, model="m1",
+                 models_allowed=["m1", "m2"], model_queues=["m1=ops-a", "m2=ops-b"])
     resp = app.get("/readyz")
     assert resp.status_code == 503
     checks = {c["name"]: c for c in resp.get_json()["checks"]}
     assert checks["redis"]["ok"]
     detail = checks["workers"]["detail"]
-    assert "rerank.0.6B" in detail and "rerank.4B" in detail and "--tiers 4B" in detail
+    assert "rerank.ops-a" in detail and "rerank.ops-b" in detail and "--tiers m2" in detail
 
 
 def test_metrics_count_routes_by_template_not_by_id(files):
@@ -225,16 +226,17 @@ def test_upstream_meta_that_is_not_a_string_is_not_a_500():
 
 
 def test_readyz_counts_a_live_worker_per_queue(redis_server, celery_workers):
-    settings = {"redis_url": redis_server.url, "reranker": "none", "model": "0.6B",
-                "models_allowed": ["0.6B"], "readyz_timeout": 1.0}
-    worker = celery_workers.start("readyz-06", ["rerank.0.6B"], settings)
+    settings = {"redis_url": redis_server.url, "reranker": "none", "model": "m3",
+                "models_allowed": ["m3"], "model_queues": ["m3=ops-c"], "readyz_timeout": 1.0}
+    worker = celery_workers.start("readyz-ops-c", ["rerank.ops-c"], settings)
     try:
         app = client(**settings)
         resp = app.get("/readyz")
         assert resp.status_code == 200, resp.get_json()
         workers = [c for c in resp.get_json()["checks"] if c["name"] == "workers"][0]
-        assert workers["detail"] == "rerank.0.6B: 1 worker(s)"
+        assert workers["detail"] == "rerank.ops-c: 1 worker(s)"
     finally:
         worker.stop()
     resp = app.get("/readyz")
-    assert resp.status_code == 503 and "--tiers 0.6B" in resp.get_data(as_text=True)
+    assert resp.status_code == 503 and "no worker consumes rerank.ops-c" in resp.get_data(
+        as_text=True)
