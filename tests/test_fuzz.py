@@ -155,7 +155,7 @@ PARAMETER = st.dictionaries(VALUE_KEYS, JSON | PARAM_NAMES, max_size=3) | JSON
 
 # --- generated requests ----------------------------------------------------------------------
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=550)
 @given(method=st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS",
                                b"BREW", b"get", b""]),
        path=PATHS, junk=st.lists(WHITESPACE | st.binary(max_size=6), max_size=3),
@@ -171,7 +171,7 @@ def test_request_lines(server, method, path, junk, version, where):
     check_answer(exchange(server, request), request, head=method == b"HEAD")
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=350)
 @given(headers=st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=60)),
                         max_size=6),
        host=st.sampled_from([b"localhost", b"127.0.0.1", b"evil.example", b"", b"localhost:1",
