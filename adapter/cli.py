@@ -54,16 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(settings, args.log_level)
     from werkzeug.serving import make_server
 
-    from adapter.errors import ModelLoadError
     from adapter.server import build_app
     from adapter.startup import report_dependencies
 
     report_dependencies(settings)
     try:
         app = build_app(settings)
-    except SystemExit:
-        return 2
-    except ModelLoadError:
+    except SystemExit:  # reranker_required and no model: build_app logged why
         return 2
     server = make_server(settings.host, settings.port, app, threaded=True,
                          request_handler=_quiet_handler())

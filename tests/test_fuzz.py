@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import string
 import subprocess
 import sys
 import time
