@@ -103,6 +103,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adapter.eval.data import load_qrels, load_topics
+    from adapter.eval.runner import evaluate, format_table, write_trec_run
+    from adapter.fhir import make_source
+    from adapter.rerank import get_reranker
+
+    settings = _settings_from(args, COMMON)
+    topics = load_topics(args.topics)
+    qrels = load_qrels(args.qrels)
+    reranker = get_reranker(settings)
+    result = evaluate(topics, qrels, make_source(settings), reranker, settings,
+                      stage=args.stage, depth=args.depth)
+    sys.stdout.write(format_table(result, ((t.qid, t.query) for t in topics)) + "\n")
+    if result.unjudged:
+        log.info("%d topic(s) have no judgments in the qrels and were not scored",
+                 len(result.unjudged))
+    if args.run:
+        with open(args.run, "w", encoding="utf-8") as out:
+            write_trec_run(result.rankings, out, tag=f"fhir-rerank-{settings.reranker}-{args.stage}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({**result.to_json(), "reranker": settings.reranker}, out, indent=2)
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from adapter.rerank.tiny import make_tiny_model
 
@@ -140,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--count", type=int, default=10)
     search.add_argument("--pretty", action="store_true")
     search.set_defaults(func=cmd_search)
+
+    ev = sub.add_parser("eval", help="measure ranking quality on judged topics (TREC qrels)")
+    _add_common(ev)
+    ev.add_argument("--topics", required=True,
+                    help='JSON: {"topics": [{"qid", "query", "patient", "_type"?, "instruction"?}]}')
+    ev.add_argument("--qrels", required=True, help="TREC qrels: `qid 0 ResourceType/id grade`")
+    ev.add_argument("--stage", choices=["recall", "final"], default="final",
+                    help="recall: the candidates handed to the reranker; final: the Bundle order")
+    ev.add_argument("--depth", type=int, default=100, help="ranks judged per topic (default 100)")
+    ev.add_argument("--run", help="write the rankings as a TREC run file")
+    ev.add_argument("--json", help="write per-query and overall metrics as JSON")
+    ev.set_defaults(func=cmd_eval)
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random-weight Qwen3 reranker (smoke tests)")

@@ -1,0 +1,1 @@
+"""`fhir-rerank eval`: judge the real pipeline on topics + TREC qrels with ir-measures."""
