@@ -25,8 +25,7 @@ from adapter.lru import LRU
 from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker, ScoreReport
-from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
-from adapter.search.bm25 import recall as bm25_recall
+from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE, recall_matches
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +118,17 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"
     with timed_stage("recall"):
-        candidates = bm25_recall(request.query, documents, request.recall) if documents else []
-    lenient = validation_outcome([d for d, _ in candidates])  # R4B check, candidates only
+        candidates, matched = recall_matches(request.query, documents, request.recall)
+    lenient = validation_outcome([d for d, _, _ in candidates])  # R4B check, candidates only
     if lenient:
         outcomes.append(lenient)
-    if len(documents) > len(candidates):
-        outcomes.append(Outcome(
-            "information", "informational",
-            f"{len(documents)} resources matched; the {len(candidates)} best by BM25 were "
-            f"reranked (recall={request.recall}); raise `recall` to rerank more",
-            ("recall",)))
     return {
         "request": request.to_json(),
         "links": links.to_json(),
-        "candidates": [{"document": d.to_json(), "recall_score": float(s)} for d, s in candidates],
+        "candidates": [{"document": d.to_json(), "recall_score": float(s), "matched": m}
+                       for d, s, m in candidates],
+        "searched": len(documents),
+        "matched": matched,
         "outcomes": [o.to_json() for o in outcomes],
     }
 
@@ -143,8 +139,12 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     req = payload["request"]
     links = LinkContext.from_json(payload["links"])
     outcomes = [Outcome.from_json(o) for o in payload["outcomes"]]
-    docs = [Document.from_json(c["document"]) for c in payload["candidates"]]
-    recall_scores = [c["recall_score"] for c in payload["candidates"]]
+    fallback = getattr(reranker, "fallback_reason", None)
+    # Keyword order lists only resources that hold a word of the question; a model sees all.
+    kept = [c for c in payload["candidates"] if reranker.is_model or c.get("matched", True)]
+    docs = [Document.from_json(c["document"]) for c in kept]
+    recall_scores = [c["recall_score"] for c in kept]
+    outcomes.append(_stage_outcome(payload, req, len(docs), reranker.is_model, fallback))
     scores: list[float] = []
     if docs:
         with timed_stage("rerank"):
@@ -153,18 +153,37 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
         outcomes.extend(_report_outcomes(report))
     elif on_progress:
         on_progress(0, 0)
-    fallback = getattr(reranker, "fallback_reason", None)
-    if fallback:
-        outcomes.append(Outcome("warning", "processing",
-                                f"results are in BM25 order, not reranked: {fallback}"))
-    elif not reranker.is_model and docs:
-        outcomes.append(Outcome("information", "informational",
-                                "search.score is a BM25 keyword score scaled to [0, 1] "
-                                "(reranker = none), not a model's relevance"))
     ranked = [Scored(d, s, r) for d, s, r in zip(docs, scores, recall_scores)]
     ranked.sort(key=lambda item: (-item.score, item.document.id))
     return searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,
                      count=req["count"], offset=req["offset"], outcomes=outcomes)
+
+
+def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is_model: bool,
+                   fallback: str | None) -> Outcome:
+    """One outcome saying what happened: reranked (and how many), or keyword order."""
+    searched = payload.get("searched", len(payload["candidates"]))
+    matched = payload.get("matched", listed)
+    candidates = len(payload["candidates"])
+    if is_model:
+        cut = (f"; the {candidates} best by BM25 were reranked (recall={req['recall']}), "
+               "raise `recall` to rerank more" if searched > candidates else
+               f"; all {candidates} were reranked")
+        return Outcome("information", "informational",
+                       f"{searched} resources searched, {matched} hold a word of the question"
+                       + cut, ("recall",) if searched > candidates else ())
+    found = (f"{listed} of {searched} resources hold a word of the question (stopwords and "
+             "words no record has do not count) and are listed")
+    if matched > listed:
+        found += (f"; {matched} do, the best {listed} by BM25 are listed (recall="
+                  f"{req['recall']}), raise `recall` to list more")
+    if fallback:
+        return Outcome("warning", "processing",
+                       f"results are in BM25 keyword order, not reranked: {fallback}; {found}")
+    return Outcome("information", "informational",
+                   "keyword order (reranker = none): search.score is a BM25 keyword score "
+                   f"scaled to [0, 1], not a model's relevance; {found}",
+                   ("recall",) if matched > listed else ())
 
 
 #: Scores of whole rankings: the next page of a result (same query, same candidates) is

@@ -5,6 +5,10 @@ negative idfs at epsilon × mean idf), so it neither helps nor hurts; these sett
 scores as bm25s' "atire" method with "robertson" idf. rank-bm25 divides by zero on an empty
 corpus and on a corpus whose documents are all empty: `BM25Index` scores those as all 0.0.
 
+The query is weighted (adapter/search/expand.py): the user's words at 1.0, clinical
+expansions lower, stopwords dropped; a term's BM25 contribution is multiplied by its weight.
+With all weights 1.0 the scores are rank-bm25's own.
+
 Recall never drops a document it does not have to: when the documents fit in `k`, all of them
 come back (in BM25 order). Ties are broken by document id, so the order is deterministic.
 """
@@ -15,11 +19,13 @@ import logging
 import math
 from typing import Sequence
 
+import numpy as np
 from rank_bm25 import BM25Okapi, BM25Plus
 
 from adapter.errors import BadRequest
 from adapter.lru import LRU
 from adapter.models import Document
+from adapter.search.expand import weighted_query
 from adapter.search.tokenize import tokenize
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,31 @@ def tokenize_cached(text: str) -> list[str]:
     return tokens
 
 
+def weighted_scores(model: BM25Okapi | BM25Plus, weights: dict[str, float]
+                    ) -> tuple[list[float], list[bool]]:
+    """Σ weight × BM25 term score per document, and whether it holds any query term at all.
+
+    The same arithmetic as rank-bm25's `get_scores` (Okapi; BM25+ with delta = 0), one term
+    at a time so each can carry its weight. Terms the corpus lacks cost one dict lookup.
+    """
+    size = model.corpus_size
+    score = np.zeros(size)
+    matched = np.zeros(size, dtype=bool)
+    norm = None
+    for term, weight in weights.items():
+        idf = model.idf.get(term)
+        if idf is None:
+            continue
+        tf = np.fromiter((d.get(term, 0) for d in model.doc_freqs), dtype=float, count=size)
+        matched |= tf > 0
+        if idf > 0.0:
+            if norm is None:
+                doc_len = np.asarray(model.doc_len, dtype=float)
+                norm = model.k1 * (1 - model.b + model.b * doc_len / model.avgdl)
+            score += weight * idf * (tf * (model.k1 + 1) / (tf + norm))
+    return score.tolist(), matched.tolist()
+
+
 class BM25Index:
     """A BM25 index over a fixed list of texts; `scores(query)` gives raw BM25 in input order."""
 
@@ -56,15 +87,15 @@ class BM25Index:
         return self.size
 
     def scores(self, query: str) -> list[float]:
-        """Raw BM25 score of every document for `query`, in input order (0.0 = no match)."""
+        """Raw BM25 score of every document for the weighted `query`, in input order."""
+        return self.scores_and_matches(query)[0]
+
+    def scores_and_matches(self, query: str) -> tuple[list[float], list[bool]]:
+        """(scores, matched): matched is True where a document holds a term of the weighted
+        query (a term in over half the documents has idf 0 yet still matches)."""
         if self._okapi is None:
-            return [0.0] * self.size
-        idf = self._okapi.idf
-        # Terms with no idf (absent, or in over half the documents) add exactly 0: skip them.
-        terms = [t for t in tokenize(query) if idf.get(t, 0.0) > 0.0]
-        if not terms:
-            return [0.0] * self.size
-        return [float(s) for s in self._okapi.get_scores(terms)]
+            return [0.0] * self.size, [False] * self.size
+        return weighted_scores(self._okapi, weighted_query(query))
 
 
 #: Whole indexes per corpus: the same record searched again (another question, the next
@@ -95,11 +126,11 @@ def ranking_scores(query: str, texts: list[str]) -> list[float]:
     log((N + 1) / n), which stays positive, with Okapi's term-frequency part (delta = 0).
     """
     corpus = [tokenize_cached(t or "") for t in texts]
-    terms = tokenize(query)
-    if not any(corpus) or not terms:
+    weights = weighted_query(query)
+    if not any(corpus) or not weights:
         return [0.0] * len(texts)
     plus = BM25Plus(corpus, k1=K1, b=B, delta=0)
-    return [float(s) for s in plus.get_scores(terms)]
+    return weighted_scores(plus, weights)[0]
 
 
 def normalise_scores(scores: list[float]) -> list[float]:
@@ -132,19 +163,26 @@ def recall(query: str, documents: list[Document], k: int) -> list[tuple[Document
 
     When `len(documents) <= k` every document is returned (ordered, none dropped).
     """
+    return [(doc, score) for doc, score, _ in recall_matches(query, documents, k)[0]]
+
+
+def recall_matches(query: str, documents: list[Document], k: int
+                   ) -> tuple[list[tuple[Document, float, bool]], int]:
+    """`recall`, with each candidate's "holds a query term" flag and the number of
+    documents (of all, not only the candidates) that hold one."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise BadRequest(f"recall of {k!r} is not a positive whole number; ask for at least 1 "
                          "candidate (e.g. recall=100)", expression="recall")
     if not documents:
-        return []
-    scores = index_for([d.text for d in documents]).scores(query)
+        return [], 0
+    scores, matched = index_for([d.text for d in documents]).scores_and_matches(query)
 
-    def rank_key(i: int) -> tuple[float, str]:
-        return (-scores[i], documents[i].id)
+    def rank_key(i: int) -> tuple[float, bool, str]:
+        return (-scores[i], not matched[i], documents[i].id)
 
     if len(documents) <= k:
         order = sorted(range(len(documents)), key=rank_key)
     else:
         order = heapq.nsmallest(k, range(len(documents)), key=rank_key)
     log.debug("bm25 recall: %d of %d documents kept", len(order), len(documents))
-    return [(documents[i], scores[i]) for i in order]
+    return [(documents[i], scores[i], matched[i]) for i in order], sum(matched)
