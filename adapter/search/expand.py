@@ -7,8 +7,9 @@
   dropped (they must not rank), and an English plural also looks for its singular.
 - A lexicon concept is triggered when the question contains one of its names, abbreviations,
   everyday words or translations (as whole words; CJK as a substring). Its English names
-  and abbreviations are added at `EXPANSION_WEIGHT`, its related terms at `RELATED_WEIGHT`.
-  A token keeps the highest weight it gets.
+  and abbreviations are added at `EXPANSION_WEIGHT`, its related terms at `RELATED_WEIGHT`,
+  each times the token's specificity in the lexicon (a token many concepts share, such as
+  "blood", weighs less; see lexicon `_set_specificity`). A token keeps its highest weight.
 - An ambiguous abbreviation (lexicon/ambiguous.tsv, e.g. "MS", "PT") expands only when the
   question also holds a context word of exactly one of its senses; otherwise it stays the
   user's own word, unexpanded.
@@ -27,7 +28,7 @@ from adapter.search.tokenize import fold, tokenize
 
 USER_WEIGHT = 1.0
 EXPANSION_WEIGHT = 0.6
-RELATED_WEIGHT = 0.3
+RELATED_WEIGHT = 0.2
 VARIANT_WEIGHT = 0.9  # an English singular for a plural the user typed
 
 _LOINC_CODE = re.compile(r"\b(\d{1,7})-(\d)\b")
@@ -93,9 +94,9 @@ def _weighted(query: str) -> tuple[tuple[str, float], ...]:
     for concept_id in triggered_concepts(query, lexicon):
         concept = lexicon.concepts[concept_id]
         for token in concept.expansion_tokens:
-            add(token, EXPANSION_WEIGHT)
+            add(token, EXPANSION_WEIGHT * concept.specificity[token])
         for token in concept.related_tokens:
-            add(token, RELATED_WEIGHT)
+            add(token, RELATED_WEIGHT * concept.specificity[token])
     return tuple(weights.items())
 
 

@@ -13,6 +13,7 @@ Files (tab-separated, `|` between alternatives, `#` starts a comment line; see R
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from adapter.search.tokenize import fold, tokenize
 
+POWER = 2.0
 HERE = Path(__file__).resolve().parent
 LANGUAGES = ("es", "fr", "de", "pt", "zh")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
@@ -38,6 +40,8 @@ class Concept:
     translations: dict[str, list[str]] = field(default_factory=dict)
     expansion_tokens: list[str] = field(default_factory=list)
     related_tokens: list[str] = field(default_factory=list)
+    #: token → share of the expansion weight (1.0 for a token only this concept uses)
+    specificity: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,6 +123,31 @@ def load_lexicon(root: Path = HERE) -> Lexicon:
             if key and key not in stopwords and concept.id not in triggers.get(key, []):
                 triggers.setdefault(key, []).append(concept.id)
         concept.expansion_tokens = _tokens(concept.terms + concept.also, stopwords)
-        concept.related_tokens = [t for t in _tokens(concept.related, stopwords)
+    for concept in concepts.values():  # a related term that names a concept brings its names
+        related = list(concept.related)
+        for term in concept.related:
+            for other in triggers.get(trigger_form(term), []):
+                if other != concept.id:
+                    related.extend(concepts[other].terms + concepts[other].also)
+        concept.related_tokens = [t for t in _tokens(related, stopwords)
                                   if t not in concept.expansion_tokens]
+    _set_specificity(concepts)
     return Lexicon(concepts, list(concepts), triggers, ambiguous, stopwords)
+
+
+def _set_specificity(concepts: dict[str, Concept]) -> None:
+    """A token many concepts share ("blood", "serum", "count") says little about any one of
+    them: weigh it by its inverse concept frequency, (log(C / cf) / log C)², 1.0 when unique.
+    A one-word name of the concept ("glucose", "LDL") is its head and keeps 1.0."""
+    frequency: dict[str, int] = {}
+    for concept in concepts.values():
+        for token in concept.expansion_tokens:
+            frequency[token] = frequency.get(token, 0) + 1
+    total = max(len(concepts), 2)
+    for concept in concepts.values():
+        heads = {tokens[0] for tokens in (tokenize(n) for n in concept.terms + concept.also)
+                 if len(tokens) == 1}
+        concept.specificity = {
+            token: (math.log(total / frequency.get(token, 1)) / math.log(total)) ** POWER
+            for token in set(concept.expansion_tokens) | set(concept.related_tokens)}
+        concept.specificity.update({token: 1.0 for token in heads})
