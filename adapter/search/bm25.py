@@ -25,7 +25,7 @@ from rank_bm25 import BM25Okapi, BM25Plus
 from adapter.errors import BadRequest
 from adapter.lru import LRU
 from adapter.models import Document
-from adapter.search.expand import weighted_query
+from adapter.search.expand import OWN_WORD_WEIGHT, weighted_query
 from adapter.search.tokenize import tokenize
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def tokenize_cached(text: str) -> list[str]:
 
 def weighted_scores(model: BM25Okapi | BM25Plus, weights: dict[str, float]
                     ) -> tuple[list[float], list[bool]]:
-    """Σ weight × BM25 term score per document, and whether it holds any query term at all.
+    """Σ weight × BM25 term score per document, and whether it matches the query: holds one
+    of the user's own words, or an added term that tells documents apart (idf > 0; an added
+    word found in over half the record, like a category every Condition has, does not).
 
     The same arithmetic as rank-bm25's `get_scores` (Okapi; BM25+ with delta = 0), one term
     at a time so each can carry its weight. Terms the corpus lacks cost one dict lookup.
@@ -62,7 +64,8 @@ def weighted_scores(model: BM25Okapi | BM25Plus, weights: dict[str, float]
         if idf is None:
             continue
         tf = np.fromiter((d.get(term, 0) for d in model.doc_freqs), dtype=float, count=size)
-        matched |= tf > 0
+        if idf > 0.0 or weight >= OWN_WORD_WEIGHT:
+            matched |= tf > 0
         if idf > 0.0:
             if norm is None:
                 doc_len = np.asarray(model.doc_len, dtype=float)

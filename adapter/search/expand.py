@@ -30,6 +30,7 @@ USER_WEIGHT = 1.0
 EXPANSION_WEIGHT = 0.6
 RELATED_WEIGHT = 0.2
 VARIANT_WEIGHT = 0.9  # an English singular for a plural the user typed
+OWN_WORD_WEIGHT = VARIANT_WEIGHT  # weights from here up are the user's own words
 
 _LOINC_CODE = re.compile(r"\b(\d{1,7})-(\d)\b")
 _WORDS = re.compile(r"[^\W_]+", re.UNICODE)
