@@ -151,12 +151,24 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
             scores, report = _score(reranker, req["query"], req.get("instruction"), docs,
                                     on_progress)
         outcomes.extend(_report_outcomes(report))
+        if not reranker.is_model:
+            scores = keyword_order(recall_scores, scores)
     elif on_progress:
         on_progress(0, 0)
     ranked = [Scored(d, s, r) for d, s, r in zip(docs, scores, recall_scores)]
     ranked.sort(key=lambda item: (-item.score, item.document.id))
     return searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,
                      count=req["count"], offset=req["offset"], outcomes=outcomes)
+
+
+def keyword_order(recall_scores: list[float], candidate_scores: list[float]) -> list[float]:
+    """Scores for keyword order: recall's own BM25 (idf over the whole record, the same
+    weighted query), scaled to [0, 1]; the `none` backend's scores over the candidates only
+    break its ties (a tiny record, where Okapi's idf is 0 for every word, has nothing else)."""
+    top = max(recall_scores, default=0.0)
+    if top <= 0.0:
+        return candidate_scores
+    return [0.999 * r / top + 0.001 * c for r, c in zip(recall_scores, candidate_scores)]
 
 
 def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is_model: bool,
@@ -173,7 +185,9 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
                        f"{searched} resources searched, {matched} hold a word of the question"
                        + cut, ("recall",) if searched > candidates else ())
     found = (f"{listed} of {searched} resources hold a word of the question (stopwords and "
-             "words no record has do not count) and are listed")
+             "words no record has do not count) and are listed" if listed else
+             f"none of the {searched} resources holds a word of the question (stopwords do not "
+             "count); try other words, or a reranker model")
     if matched > listed:
         found += (f"; {matched} do, the best {listed} by BM25 are listed (recall="
                   f"{req['recall']}), raise `recall` to list more")
