@@ -184,13 +184,16 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
         return Outcome("information", "informational",
                        f"{searched} resources searched, {matched} hold a word of the question"
                        + cut, ("recall",) if searched > candidates else ())
-    found = (f"{listed} of {searched} resources hold a word of the question (stopwords and "
-             "words no record has do not count) and are listed" if listed else
-             f"none of the {searched} resources holds a word of the question (stopwords do not "
-             "count); try other words, or a reranker model")
-    if matched > listed:
-        found += (f"; {matched} do, the best {listed} by BM25 are listed (recall="
-                  f"{req['recall']}), raise `recall` to list more")
+    found = (f"{matched} of {searched} resources hold a word of the question (stopwords and "
+             "words no record has do not count)")
+    if not matched:
+        found = (f"none of the {searched} resources holds a word of the question (stopwords "
+                 "do not count); try other words, or a reranker model")
+    elif matched > listed:
+        found += (f"; the best {listed} by BM25 are listed (recall={req['recall']}), raise "
+                  "`recall` to list more")
+    else:
+        found += " and are listed"
     if fallback:
         return Outcome("warning", "processing",
                        f"results are in BM25 keyword order, not reranked: {fallback}; {found}")
