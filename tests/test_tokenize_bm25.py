@@ -205,3 +205,19 @@ def test_ranking_scores_separate_a_two_document_record():
     scores = ranking_scores("hemoglobin a1c", texts)
     assert scores[0] > 0.0 and scores[1] == 0.0
     assert ranking_scores("", texts) == [0.0, 0.0] and ranking_scores("x", []) == []
+
+
+def test_postings_index_gives_rank_bm25_okapi_scores() -> None:
+    """BM25Index is its own postings index: same numbers as rank-bm25's BM25Okapi."""
+    import numpy as np
+    from rank_bm25 import BM25Okapi
+
+    rng = random.Random(7)
+    vocab = [f"zq{i}" for i in range(40)]  # in no lexicon concept and no stopword list
+    corpus = [rng.choices(vocab, k=rng.randint(0, 30)) for _ in range(300)] + [["zq1"]]
+    okapi = BM25Okapi(corpus, k1=1.5, b=0.75, epsilon=0.0)
+    index = BM25Index(tokenized=corpus)
+    for _ in range(20):
+        terms = list(dict.fromkeys(rng.choices(vocab, k=rng.randint(1, 5))))
+        expected = okapi.get_scores(terms)
+        assert np.allclose(index.scores(" ".join(terms)), expected, rtol=1e-12, atol=1e-12)

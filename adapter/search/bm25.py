@@ -1,9 +1,10 @@
-"""BM25 recall over flattened documents (rank-bm25's Okapi BM25, k1=1.5, b=0.75, epsilon=0).
+"""BM25 recall over flattened documents (Okapi BM25, k1=1.5, b=0.75, epsilon=0).
 
-With epsilon=0 a term found in more than half of the documents has idf 0 (rank-bm25 floors
-negative idfs at epsilon × mean idf), so it neither helps nor hurts; these settings give the same
-scores as bm25s' "atire" method with "robertson" idf. rank-bm25 divides by zero on an empty
-corpus and on a corpus whose documents are all empty: `BM25Index` scores those as all 0.0.
+`BM25Index` keeps postings (term → documents, frequencies) so a query costs its own terms;
+its scores equal rank-bm25's `BM25Okapi(k1=1.5, b=0.75, epsilon=0)` (a test checks this).
+With epsilon=0 a term found in more than half of the documents has idf 0, so it neither helps
+nor hurts; these settings give the same scores as bm25s' "atire" method with "robertson" idf.
+An empty corpus, or one whose documents are all empty, scores 0.0 everywhere.
 
 The query is weighted (adapter/search/expand.py): the user's words at 1.0, clinical
 expansions lower, stopwords dropped; a term's BM25 contribution is multiplied by its weight.
@@ -15,12 +16,13 @@ come back (in BM25 order). Ties are broken by document id, so the order is deter
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 import logging
 import math
 from typing import Sequence
 
 import numpy as np
-from rank_bm25 import BM25Okapi, BM25Plus
+from rank_bm25 import BM25Plus
 
 from adapter.errors import BadRequest
 from adapter.lru import LRU
@@ -46,19 +48,14 @@ def tokenize_cached(text: str) -> list[str]:
     return tokens
 
 
-def weighted_scores(model: BM25Okapi | BM25Plus, weights: dict[str, float]
-                    ) -> tuple[list[float], list[bool]]:
-    """Σ weight × BM25 term score per document, and whether it matches the query: holds one
-    of the user's own words, or an added term that tells documents apart (idf > 0; an added
-    word found in over half the record, like a category every Condition has, does not).
-
-    The same arithmetic as rank-bm25's `get_scores` (Okapi; BM25+ with delta = 0), one term
-    at a time so each can carry its weight. Terms the corpus lacks cost one dict lookup.
-    """
+def weighted_scores(model: BM25Plus, weights: dict[str, float]) -> tuple[list[float], list[bool]]:
+    """`BM25Index`'s weighted scoring over a rank-bm25 model (the small candidate sets that
+    `ranking_scores` orders), scanning each query term's frequencies."""
     size = model.corpus_size
     score = np.zeros(size)
     matched = np.zeros(size, dtype=bool)
-    norm = None
+    doc_len = np.asarray(model.doc_len, dtype=float)
+    norm = model.k1 * (1 - model.b + model.b * doc_len / model.avgdl)
     for term, weight in weights.items():
         idf = model.idf.get(term)
         if idf is None:
@@ -67,24 +64,49 @@ def weighted_scores(model: BM25Okapi | BM25Plus, weights: dict[str, float]
         if idf > 0.0 or weight >= OWN_WORD_WEIGHT:
             matched |= tf > 0
         if idf > 0.0:
-            if norm is None:
-                doc_len = np.asarray(model.doc_len, dtype=float)
-                norm = model.k1 * (1 - model.b + model.b * doc_len / model.avgdl)
             score += weight * idf * (tf * (model.k1 + 1) / (tf + norm))
     return score.tolist(), matched.tolist()
 
 
 class BM25Index:
-    """A BM25 index over a fixed list of texts; `scores(query)` gives raw BM25 in input order."""
+    """Okapi BM25 over a fixed list of texts, as postings: `scores(query)` gives raw BM25 of
+    the weighted query in input order, costing the query terms' postings only.
+
+    The same numbers as rank-bm25's `BM25Okapi(k1=1.5, b=0.75, epsilon=0)`: idf =
+    log((N - n + 0.5) / (n + 0.5)), negative idf floored at 0. Built in one pass with
+    `collections.Counter` (rank-bm25 counts token by token in Python, and has no postings).
+    """
 
     def __init__(self, texts: Sequence[str] = (), *,
                  tokenized: Sequence[list[str]] | None = None) -> None:
         corpus = (list(tokenized) if tokenized is not None
                   else [tokenize_cached(t or "") for t in texts])
         self.size = len(corpus)
-        self._okapi: BM25Okapi | None = None
-        if any(corpus):  # rank-bm25 cannot take an empty corpus or one with no tokens at all
-            self._okapi = BM25Okapi(corpus, k1=K1, b=B, epsilon=EPSILON)
+        self._terms: dict[str, int] = {}
+        self._starts = np.zeros(1, dtype=np.int64)
+        self._docs = np.zeros(0, dtype=np.int64)
+        self._freqs = np.zeros(0)
+        self._idf = np.zeros(0)
+        doc_len = np.fromiter(map(len, corpus), dtype=float, count=self.size)
+        if not self.size or not doc_len.any():
+            return  # nothing to match: every score is 0.0
+        self._norm = K1 * (1 - B + B * doc_len / doc_len.mean())
+        counters = [Counter(tokens) for tokens in corpus]
+        keys: list[str] = []
+        freqs: list[int] = []
+        for counts in counters:  # C-level extends: one Python step per document
+            keys.extend(counts)
+            freqs.extend(counts.values())
+        self._terms = terms = {t: i for i, t in enumerate(dict.fromkeys(keys))}
+        term_ids = np.fromiter(map(terms.__getitem__, keys), dtype=np.int64, count=len(keys))
+        docs = np.repeat(np.arange(self.size, dtype=np.int64),
+                         np.fromiter(map(len, counters), dtype=np.int64, count=self.size))
+        order = np.argsort(term_ids)  # any order within a term: its documents are distinct
+        self._docs = docs[order]
+        self._freqs = np.fromiter(freqs, dtype=float, count=len(freqs))[order]
+        df = np.bincount(term_ids, minlength=len(terms))
+        self._starts = np.concatenate(([0], np.cumsum(df)))
+        self._idf = np.maximum(0.0, np.log((self.size - df + 0.5) / (df + 0.5)))
 
     def __len__(self) -> int:
         return self.size
@@ -94,11 +116,23 @@ class BM25Index:
         return self.scores_and_matches(query)[0]
 
     def scores_and_matches(self, query: str) -> tuple[list[float], list[bool]]:
-        """(scores, matched): matched is True where a document holds a term of the weighted
-        query (a term in over half the documents has idf 0 yet still matches)."""
-        if self._okapi is None:
-            return [0.0] * self.size, [False] * self.size
-        return weighted_scores(self._okapi, weighted_query(query))
+        """(scores, matched): matched is True where a document holds one of the user's own
+        words, or an added term that tells documents apart (idf > 0; an added word found in
+        over half the record, like a category every Condition has, does not)."""
+        score = np.zeros(self.size)
+        matched = np.zeros(self.size, dtype=bool)
+        for term, weight in weighted_query(query).items():
+            tid = self._terms.get(term)
+            if tid is None:
+                continue
+            span = slice(self._starts[tid], self._starts[tid + 1])
+            where, tf = self._docs[span], self._freqs[span]
+            idf = self._idf[tid]
+            if idf > 0.0 or weight >= OWN_WORD_WEIGHT:
+                matched[where] = True
+            if idf > 0.0:
+                score[where] += weight * idf * (tf * (K1 + 1) / (tf + self._norm[where]))
+        return score.tolist(), matched.tolist()
 
 
 #: Whole indexes per corpus: the same record searched again (another question, the next
