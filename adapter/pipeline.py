@@ -144,7 +144,8 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     kept = [c for c in payload["candidates"] if reranker.is_model or c.get("matched", True)]
     docs = [Document.from_json(c["document"]) for c in kept]
     recall_scores = [c["recall_score"] for c in kept]
-    outcomes.append(_stage_outcome(payload, req, len(docs), reranker.is_model, fallback))
+    stage = _stage_outcome(payload, req, len(docs), reranker.is_model, fallback)
+    outcomes.extend([stage] if stage else [])
     scores: list[float] = []
     if docs:
         with timed_stage("rerank"):
@@ -172,18 +173,18 @@ def keyword_order(recall_scores: list[float], candidate_scores: list[float]) -> 
 
 
 def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is_model: bool,
-                   fallback: str | None) -> Outcome:
-    """One outcome saying what happened: reranked (and how many), or keyword order."""
+                   fallback: str | None) -> Outcome | None:
+    """One outcome saying what happened: the recall cut before a model, or keyword order."""
     searched = payload.get("searched", len(payload["candidates"]))
     matched = payload.get("matched", listed)
     candidates = len(payload["candidates"])
     if is_model:
-        cut = (f"; the {candidates} best by BM25 were reranked (recall={req['recall']}), "
-               "raise `recall` to rerank more" if searched > candidates else
-               f"; all {candidates} were reranked")
+        if searched <= candidates:
+            return None  # every resource was reranked: nothing to say
         return Outcome("information", "informational",
-                       f"{searched} resources searched, {matched} hold a word of the question"
-                       + cut, ("recall",) if searched > candidates else ())
+                       f"{searched} resources searched, {matched} hold a word of the question; "
+                       f"the {candidates} best by BM25 were reranked (recall={req['recall']}); "
+                       "raise `recall` to rerank more", ("recall",))
     found = (f"{matched} of {searched} resources hold a word of the question (stopwords and "
              "words no record has do not count)")
     if not matched:
