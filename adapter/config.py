@@ -73,6 +73,8 @@ class Settings:
     max_parameters: int = 100
     max_json_depth: int = 32
     readyz_timeout: float = 2.0
+    # keyword stage
+    keyword_list_unmatched: bool = False
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES

@@ -129,6 +129,7 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
                        for d, s, m in candidates],
         "searched": len(documents),
         "matched": matched,
+        "list_unmatched": settings.keyword_list_unmatched,
         "outcomes": [o.to_json() for o in outcomes],
     }
 
@@ -141,7 +142,8 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     outcomes = [Outcome.from_json(o) for o in payload["outcomes"]]
     fallback = getattr(reranker, "fallback_reason", None)
     # Keyword order lists only resources that hold a word of the question; a model sees all.
-    kept = [c for c in payload["candidates"] if reranker.is_model or c.get("matched", True)]
+    kept = [c for c in payload["candidates"] if reranker.is_model or c.get("matched", True)
+            or payload.get("list_unmatched")]
     docs = [Document.from_json(c["document"]) for c in kept]
     recall_scores = [c["recall_score"] for c in kept]
     stage = _stage_outcome(payload, req, len(docs), reranker.is_model, fallback)
@@ -195,6 +197,8 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
                   "`recall` to list more")
     else:
         found += " and are listed"
+    if payload.get("list_unmatched") and listed > min(matched, candidates):
+        found += "; the other candidates follow with score 0 (keyword_list_unmatched = true)"
     if fallback:
         return Outcome("warning", "processing",
                        f"results are in BM25 keyword order, not reranked: {fallback}; {found}")

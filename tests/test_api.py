@@ -285,6 +285,10 @@ def test_exact_bm25_order_on_a_tiny_record(tmp_path):
     assert got["total"] == 2
     alone = bundle_of(client.get("/fhir/Condition?patient=p1&_content=insipidus"))
     assert [e["resource"]["id"] for e in matches(alone)] == ["c3"]
+    listing = make_client(fhir_data=str(tmp_path), keyword_list_unmatched=True)
+    every = bundle_of(listing.get("/fhir/Condition?patient=p1&_content=diabetes"))
+    assert [e["resource"]["id"] for e in matches(every)] == ["c2", "c3", "c1", "c4", "c5", "c6"]
+    assert every["total"] == 6 and [e["search"]["score"] for e in matches(every)][2:] == [0.0] * 4
     assert any("BM25 keyword score" in i["diagnostics"] for i in outcome_issues(got))
     lenient = [i for i in outcome_issues(got) if "did not validate" in i["diagnostics"]]
     assert len(lenient) == 1 and lenient[0]["diagnostics"].endswith("Condition/c6")

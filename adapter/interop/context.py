@@ -109,8 +109,10 @@ class InteropContext:
             from adapter import create_app
             from adapter.config import load_settings
 
+            # keyword_list_unmatched: every resource reaches the keyword ranking, so `total`
+            # shows whether the adapter fetched all of the test patient
             settings = {"fhir_base_url": self.base_url, "reranker": "none", "redis_url": "",
-                        "fhir_timeout": 60.0, **overrides}
+                        "fhir_timeout": 60.0, "keyword_list_unmatched": True, **overrides}
             self._clients[key] = create_app(load_settings(settings, env={})).test_client()
         return self._clients[key]
 
