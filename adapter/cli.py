@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from adapter.worker import run_worker
+    from adapter.jobs.worker import run_worker
 
     settings = _settings_from(args, COMMON)
     tiers = [t.strip() for t in (args.tiers or settings.model).split(",") if t.strip()]

@@ -75,6 +75,12 @@ class Settings:
     readyz_timeout: float = 2.0
     # keyword stage
     keyword_list_unmatched: bool = False
+    # --- jobs: isolation, heartbeats, deadlines (issue 8) ---
+    job_heartbeat_interval: float = 5.0
+    job_stale_after: float = 20.0
+    prepare_workers: int = 4
+    max_finished_jobs: int = 256
+    upstream_deadline: float = 60.0
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES

@@ -12,14 +12,25 @@
     │   ├── UpstreamThrottled         429 throttled
     │   ├── UpstreamGone              410 paging cache expired (re-run once, then 502)
     │   └── UpstreamTimeout           504 timeout
-    ├── QueueUnavailable              503 transient  (Redis / the task queue is down)
+    ├── QueueUnavailable              503 transient  (Redis down, or no worker for the tier)
+    ├── JobTimeout                    504 timeout    (a job passed task_soft_time_limit)
     ├── RerankerUnavailable           503 transient  (model could not be loaded)
     └── ModelLoadError                raised at load time; names what was tried and the fix
 
-One Flask error handler (adapter.api.errors) turns any of them into an OperationOutcome.
+`error_answer(exc, where)` is the one mapping of any exception to (status, code, message):
+the Flask handlers (adapter.api.errors) and failed jobs (adapter.jobs) both use it, so a
+failure reads the same whether it happened in the request or on a worker.
 No view builds error JSON by hand.
 """
 from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(Exception):
@@ -90,6 +101,10 @@ class QueueUnavailable(AdapterError):
     status, code = 503, "transient"
 
 
+class JobTimeout(AdapterError):
+    status, code = 504, "timeout"
+
+
 class RerankerUnavailable(AdapterError):
     status, code = 503, "transient"
 
@@ -98,3 +113,37 @@ class ModelLoadError(AdapterError):
     """A reranker model could not be loaded. The message names what was tried and the fix."""
 
     status, code = 503, "transient"
+
+
+@dataclass
+class ErrorAnswer:
+    """How an error is answered: the OperationOutcome's status, code, message and where."""
+
+    status: int
+    code: str
+    message: str
+    expression: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    incident: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The plain JSON a job result carries (headers stay with the HTTP answer)."""
+        out: dict[str, Any] = {"status": self.status, "code": self.code, "message": self.message}
+        if self.expression:
+            out["expression"] = self.expression
+        if self.incident:
+            out["incident"] = self.incident
+        return out
+
+
+def error_answer(exc: BaseException, where: str = "server") -> ErrorAnswer:
+    """The one mapping of an exception to its answer. An `AdapterError` says its own; anything
+    else is a 500 with an incident id, logged here with the exception type and frames — never
+    its message, which may quote patient data. `where` names the log to look in."""
+    if isinstance(exc, AdapterError):
+        return ErrorAnswer(exc.status, exc.code, exc.message, exc.expression, dict(exc.headers))
+    incident = uuid.uuid4().hex[:12]
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("internal error %s: %s\n%s", incident, type(exc).__name__, frames)
+    return ErrorAnswer(500, "exception", f"internal error {incident}; the {where} log has the "
+                       "details under this id", incident=incident)

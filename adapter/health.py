@@ -69,7 +69,7 @@ def probe_redis(settings: Settings) -> Check:
 
 def expected_queues(settings: Settings) -> dict[str, list[str]]:
     """queue name → the allowed models whose jobs go there."""
-    from adapter.jobs import queue_for_model
+    from adapter.jobs.routing import queue_for_model
 
     queues: dict[str, list[str]] = {}
     for model in dict.fromkeys([settings.model, *settings.models_allowed]):

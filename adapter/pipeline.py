@@ -111,9 +111,15 @@ def _attachment_loader(source: FhirSource, authorization: str | None
 
 
 def prepare_search(request: SearchRequest, source: FhirSource, settings: Settings,
-                   links: LinkContext) -> dict[str, Any]:
-    """Fetch, flatten and recall; return the JSON payload that `rank_prepared` consumes."""
+                   links: LinkContext, on_stage: Callable[[str], None] | None = None
+                   ) -> dict[str, Any]:
+    """Fetch, flatten and recall; return the JSON payload that `rank_prepared` consumes.
+    `on_stage("recall")` is called once the upstream work is done (async job progress)."""
+    if on_stage:
+        on_stage("fetching")
     documents, outcomes = collect_documents(request, source, settings)
+    if on_stage:
+        on_stage("recall")
     for doc in documents:  # sources without URLs of their own (files) give "Type/id"
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"

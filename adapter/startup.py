@@ -41,7 +41,7 @@ def report_dependencies(settings: Settings) -> None:
           "" if check.ok else "; jobs answer 503 until it is reachable")
     if not check.ok:
         return
-    from adapter.tasks import make_celery
+    from adapter.jobs.app import make_celery
 
     celery_app = make_celery(settings, set_as_current=False)
     try:

@@ -17,8 +17,10 @@ from cryptography.fernet import Fernet
 from adapter import create_app
 from adapter.api.identity import caller_identity
 from adapter.config import load_settings
-from adapter.jobs import CeleryJobRunner
-from adapter.tasks import job_key, unseal
+from adapter.jobs import job_ref
+from adapter.jobs.celery_runner import CeleryJobRunner
+from adapter.jobs.envelope import unseal
+from adapter.jobs.heartbeat import job_key
 from fixtures_jobs import comparable_bundle
 from fixtures_model import tiny_checkpoint
 
@@ -93,7 +95,8 @@ def poll(client, path, headers=None, timeout=60.0):
         resp = client.get(path, headers=headers or {})
         if resp.status_code != 202:
             return resp, seen
-        assert re.fullmatch(r"queued|reranking( \d+/\d+)?", resp.headers["X-Progress"])
+        assert re.fullmatch(r"fetching|recall|queued|reranking( \d+/\d+)?",
+                            resp.headers["X-Progress"])
         assert int(resp.headers["Retry-After"]) >= 1
         seen.append(resp.headers["X-Progress"])
         time.sleep(0.05)
@@ -144,7 +147,7 @@ def test_model_routes_to_its_tier_queue(client, settings, workers, models):
     job_id = path.rsplit("/", 1)[1]
     assert runner(client).status(job_id, ANYONE).worker == workers["4B"].hostname
     assert re.match(r"rerank-\d+@", workers["4B"].hostname)
-    assert f"job {job_id}: reranking with {tiny2}" in workers["4B"].log()
+    assert f"job {job_ref(job_id)[:12]}: reranking with a model" in workers["4B"].log()
     assert comparable_bundle(done.get_json()) == comparable_bundle(expected)
     assert scores(done.get_json()) != scores(inprocess_bundle(settings, SEARCH))
 
@@ -162,11 +165,11 @@ def test_only_the_creator_reads_and_cancel_stops_the_task(client, workers, redis
     assert client.get(path, headers=alice).status_code == 404
     log = workers["default"]
     deadline = time.monotonic() + 20
-    while f"job {job_id} cancelled while running" not in log.log():
+    while f"job {job_ref(job_id)[:12]} cancelled while running" not in log.log():
         assert time.monotonic() < deadline, log.log()[-2000:]
         time.sleep(0.1)
     store = redis.Redis.from_url(redis_server.url)
-    assert not store.exists(f"celery-task-meta-{job_id}") and not store.exists(job_key(job_id))
+    assert not store.exists(f"celery-task-meta-{job_ref(job_id)}") and not store.exists(job_key(job_ref(job_id)))
     started = time.monotonic()
     assert client.get(SEARCH).status_code == 200 and time.monotonic() - started < 15
 
@@ -177,10 +180,10 @@ def test_results_expire(client, workers, redis_server):
     assert done.status_code == 200
     job_id = path.rsplit("/", 1)[1]
     store = redis.Redis.from_url(redis_server.url)
-    assert 0 < store.ttl(f"celery-task-meta-{job_id}") <= RESULT_EXPIRES
+    assert 0 < store.ttl(f"celery-task-meta-{job_ref(job_id)}") <= RESULT_EXPIRES
     time.sleep(RESULT_EXPIRES + 0.5)
     assert client.get(path).status_code == 404
-    assert not store.exists(f"celery-task-meta-{job_id}") and not store.exists(job_key(job_id))
+    assert not store.exists(f"celery-task-meta-{job_ref(job_id)}") and not store.exists(job_key(job_ref(job_id)))
 
 
 def test_sync_call_is_promoted_to_async(settings, workers):
@@ -201,7 +204,7 @@ def test_key_mismatch_fails_at_once_without_retries(settings, workers):
     assert failed.status_code == 503, failed.get_data(as_text=True)[:300]
     assert "FHIR_RERANK_PAYLOAD_KEY" in failed.get_json()["issue"][0]["diagnostics"]
     job_id = path.rsplit("/", 1)[1]
-    assert f"job {job_id}: transient" not in workers["default"].log()
+    assert f"job {job_ref(job_id)[:12]}: transient" not in workers["default"].log()
 
 
 def test_sigkilled_worker_job_completes_once_encrypted(celery_workers, redis_server,
@@ -223,7 +226,7 @@ def test_sigkilled_worker_job_completes_once_encrypted(celery_workers, redis_ser
     job_id = path.rsplit("/", 1)[1]
     done, total = wait_for_progress(client, path)
     assert done < total
-    running = [w for w in (first, second) if f"job {job_id}: reranking" in w.log()]
+    running = [w for w in (first, second) if f"job {job_ref(job_id)[:12]}: reranking" in w.log()]
     assert len(running) == 1
     victim, survivor = running[0], (second if running[0] is first else first)
     victim.kill()
@@ -232,11 +235,11 @@ def test_sigkilled_worker_job_completes_once_encrypted(celery_workers, redis_ser
     log.info("SIGKILL at %d/%d; Bundle after %.1f s; polls after the kill said %s", done, total,
              time.monotonic() - killed_at, sorted(set(progress)))
     assert finished.status_code == 200, finished.get_data(as_text=True)[:300]
-    assert f"job {job_id}: reranking" in survivor.log()
+    assert f"job {job_ref(job_id)[:12]}: reranking" in survivor.log()
     assert runner(client).status(job_id, ANYONE).worker == survivor.hostname
     assert comparable_bundle(finished.get_json()) == comparable_bundle(expected)
     # What sits in Redis is encrypted with the key: the result opens only with it.
-    stored = json.loads(redis.Redis.from_url(redis_server.url).get(f"celery-task-meta-{job_id}"))
+    stored = json.loads(redis.Redis.from_url(redis_server.url).get(f"celery-task-meta-{job_ref(job_id)}"))
     assert set(stored["result"]["result"]) == {"fernet"} and BIG not in json.dumps(stored)
     assert comparable_bundle(unseal(stored["result"]["result"], key)) == comparable_bundle(expected)
     # The victim restarts; the answered job is not run again and stays the same Bundle.
@@ -244,7 +247,7 @@ def test_sigkilled_worker_job_completes_once_encrypted(celery_workers, redis_ser
     time.sleep(1.0)
     again = client.get(path)
     assert again.status_code == 200 and again.get_json() == finished.get_json()
-    assert f"job {job_id}: reranking" not in victim.log()
+    assert f"job {job_ref(job_id)[:12]}: reranking" not in victim.log()
     victim.stop()
     survivor.stop()
 
@@ -268,6 +271,12 @@ def test_redis_down_is_503_then_recovers(client, workers, redis_server):
         redis_server.start()
     started = time.monotonic()
     resp = client.get(SEARCH)
+    # Redis came back empty: until the workers' next heartbeat (job_heartbeat_interval) the
+    # API sees no worker for the tier and says so with a 503 naming the command.
+    while resp.status_code == 503 and time.monotonic() - started < 10:
+        assert "fhir-rerank worker --tiers" in resp.get_json()["issue"][0]["diagnostics"]
+        time.sleep(0.5)
+        resp = client.get(SEARCH)
     log.info("Redis back: %s in %.2f s", resp.status_code, time.monotonic() - started)
     assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
     assert resp.get_json()["type"] == "searchset"

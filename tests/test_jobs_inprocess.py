@@ -13,16 +13,15 @@ from adapter import create_app
 from adapter.config import load_settings
 from adapter.errors import RerankerUnavailable
 from adapter.jobs import InProcessJobRunner, new_job_id
-from adapter.tasks import (check_payload_key, models_for_queues, queue_for_model, seal,
-                           unseal)
-from adapter.worker import worker_queues
+from adapter.jobs.envelope import check_payload_key, seal, unseal
+from adapter.jobs.routing import models_for_queues, queue_for_model, worker_queues
 from fixtures_jobs import comparable_bundle
 
 BIG = "79a66c97-6131-3213-f3c9-4606946ab056"  # Synthea bulk patient: 708 notes, 219 conditions
 SEARCH = f"/fhir/Condition?patient={BIG}&_content=diabetes&_count=10&recall=40"
 ASYNC = {"Prefer": "respond-async"}
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-PROGRESS = re.compile(r"queued|reranking( \d+/\d+)?")
+PROGRESS = re.compile(r"fetching|recall|queued|reranking( \d+/\d+)?")
 
 
 def make_app(tiny_model_dir, **overrides):
@@ -171,7 +170,8 @@ def test_a_failed_job_answers_its_operation_outcome(tiny_model_dir, tmp_path):
 
 def test_only_transient_errors_are_retried():
     from adapter.errors import BadRequest, ModelLoadError
-    from adapter.tasks import PayloadKeyError, is_transient
+    from adapter.jobs.envelope import PayloadKeyError
+    from adapter.jobs.task import is_transient
 
     class OutOfMemoryError(RuntimeError):  # the name torch.cuda uses
         pass

@@ -1,12 +1,15 @@
 """The FHIR asynchronous request pattern over the job runner.
 
-Every search entry point answers through `answer_with_job`:
-- `Prefer: respond-async` → `202 Accepted` + `Content-Location: <base>/_async/<job-id>`;
-- otherwise the call waits up to `sync_wait` seconds for the job: `200` + Bundle when it is
-  done in time, else the same `202` answer (never a gateway timeout).
-`GET <base>/_async/<id>` → `202` + `X-Progress` + `Retry-After` while running, `200` + Bundle
-when done, the job's error as an OperationOutcome when it failed. `DELETE` → `202`, then 404.
-Only the caller that created a job (same Authorization) can read or cancel it.
+Every search entry point answers through `answer_with_job(prepare, model)`:
+- `Prefer: respond-async` → `202 Accepted` + `Content-Location: <base>/_async/<job-id>` at
+  once: fetch, flatten and recall run in the background in this process (the Authorization
+  stays here), then the rerank where the runner puts it;
+- otherwise the search is prepared in this request and the call waits up to `sync_wait`
+  seconds for the ranking: `200` + Bundle when done in time, else the same `202` answer.
+`GET <base>/_async/<id>` → `202` + `X-Progress` (fetching, recall, queued, reranking n/m) +
+`Retry-After` while running, `200` + Bundle when done, the job's error as an OperationOutcome
+when it failed. `DELETE` → `202`, then 404. The id is the capability (never logged); a job
+created with an Authorization is in addition readable only with the same one.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from flask import Blueprint, Response, request
 
 from adapter.api.errors import fhir_response, outcome_response
 from adapter.api.identity import caller_identity
+from adapter.api.hosts import api_base
 from adapter.api.state import state
 from adapter.jobs import JobStatus
+from adapter.jobs.runners import Prepare
 from adapter.metrics import JOBS
 
 log = logging.getLogger(__name__)
@@ -36,17 +41,15 @@ def _prefers_async() -> bool:
 
 
 def job_url(job_id: str) -> str:
-    from adapter.api.routes import api_base
-
     return f"{api_base()}/{POLL_PATH}/{job_id}"
 
 
 def _accepted(job_id: str, status: JobStatus | None = None) -> Response:
-    progress = status.progress_text() if status else "queued"
+    progress = status.progress_text() if status else "fetching"
     retry_after = "1" if status is not None and status.state == "running" else "2"
     return outcome_response(
         202, "informational",
-        f"the search is running as job {job_id}; poll the Content-Location URL for the Bundle",
+        "the search is running as a job; poll the Content-Location URL for the Bundle",
         severity="information",
         headers={"Content-Location": job_url(job_id), "X-Progress": progress,
                  "Retry-After": retry_after})
@@ -60,22 +63,25 @@ def job_response(job_id: str, status: JobStatus) -> Response:
         return fhir_response(status.bundle)
     if status.state == "failed":
         err = status.error or {"status": 500, "code": "exception", "message": "the job failed"}
-        return outcome_response(int(err["status"]), err["code"], err["message"])
+        return outcome_response(int(err["status"]), err["code"], err["message"],
+                                expression=err.get("expression"), id_=err.get("incident"))
     return _accepted(job_id, status)
 
 
-def answer_with_job(payload: dict[str, Any], model: str) -> Response:
-    """Run the prepared search as a job and answer per the FHIR async pattern (see above)."""
+def answer_with_job(prepare: Prepare, model: str) -> Response:
+    """Run the search as a job and answer per the FHIR async pattern (see above)."""
     app_state = state()
     jobs, owner = app_state.jobs, _owner()
+    if _prefers_async():
+        job_id = jobs.start(prepare, model, owner)
+        JOBS.labels("submitted").inc()
+        return _accepted(job_id)
+    payload: dict[str, Any] = prepare(lambda stage: None)
     job_id = jobs.submit(payload, model, owner)
     JOBS.labels("submitted").inc()
-    if _prefers_async():
-        return _accepted(job_id)
     status = jobs.wait(job_id, owner, app_state.settings.sync_wait)
     if not status.finished:
-        log.info("job %s passed sync_wait (%.1f s); answering 202", job_id,
-                 app_state.settings.sync_wait)
+        log.info("a job passed sync_wait (%.1f s); answering 202", app_state.settings.sync_wait)
         return _accepted(job_id, status)
     response = job_response(job_id, status)
     jobs.forget(job_id)  # answered in full: keep no copy of the patient data around
@@ -91,5 +97,5 @@ def poll_job(job_id: str) -> Response:
 def cancel_job(job_id: str) -> Response:
     state().jobs.cancel(job_id, _owner())
     JOBS.labels("cancelled").inc()
-    return outcome_response(202, "informational", f"job {job_id} cancelled",
+    return outcome_response(202, "informational", "the job was cancelled",
                             severity="information")

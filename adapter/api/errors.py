@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import logging
-import traceback
-import uuid
 
 from flask import Flask, Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
 
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, ErrorAnswer, error_answer
 from adapter.fhir.bundle import operation_outcome
 from adapter.models import Outcome
 
@@ -32,12 +30,18 @@ def outcome_response(status: int, code: str, message: str, *, expression: str | 
     return fhir_response(body, status, headers)
 
 
+def answer_response(answer: ErrorAnswer) -> Response:
+    """The OperationOutcome for an `error_answer` (HTTP errors and failed jobs alike)."""
+    return outcome_response(answer.status, answer.code, answer.message,
+                            expression=answer.expression, headers=answer.headers,
+                            id_=answer.incident)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(AdapterError)
     def _adapter_error(exc: AdapterError) -> Response:
         log.info("answered %s %s", exc.status, type(exc).__name__)
-        return outcome_response(exc.status, exc.code, exc.message, expression=exc.expression,
-                                headers=exc.headers)
+        return answer_response(error_answer(exc))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
@@ -60,11 +64,4 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> Response:
-        incident = uuid.uuid4().hex[:12]
-        # The log gets the exception type and the frames, not its message (it may quote
-        # patient data); the caller gets the incident id only.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("internal error %s: %s\n%s", incident, type(exc).__name__, frames)
-        return outcome_response(500, "exception",
-                                f"internal error {incident}; the server log has the details "
-                                "under this id", id_=incident)
+        return answer_response(error_answer(exc))

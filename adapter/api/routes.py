@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 from flask import Blueprint, Response, request
 
 from adapter import __version__
 from adapter.api.capability import capability_statement, operation_definition
+from adapter.api.async_routes import answer_with_job
 from adapter.api.errors import fhir_response
 from adapter.api.hosts import api_base
 from adapter.api.params import check_format, parameters_to_pairs, parse_json_body, parse_search
 from adapter.api.state import state
 from adapter.errors import NotAcceptable, NotFound
 from adapter.models import RESOURCE_TYPES
-from adapter.api.async_routes import answer_with_job
 from adapter.pipeline import LinkContext, prepare_search
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,12 @@ def _search(pairs: list[tuple[str, str]], *, types: tuple[str, ...] | None, endp
     req.authorization = request.headers.get("Authorization")
     used = [p for p in parsed.used if not (endpoint.startswith("Patient/") and p[0] == "patient")]
     links = LinkContext(api_base(), endpoint, used)
-    payload = prepare_search(req, app_state.source, settings, links)
-    payload["outcomes"] = [o.to_json() for o in parsed.outcomes] + payload["outcomes"]
-    return answer_with_job(payload, req.model or settings.model)
+    source, param_outcomes = app_state.source, [o.to_json() for o in parsed.outcomes]
+
+    def prepare(on_stage: Callable[[str], None]) -> dict[str, Any]:
+        """Fetch, flatten, recall: in this request, or in the background for respond-async."""
+        payload = prepare_search(req, source, settings, links, on_stage=on_stage)
+        payload["outcomes"] = param_outcomes + payload["outcomes"]
+        return payload
+
+    return answer_with_job(prepare, req.model or settings.model)

@@ -14,7 +14,7 @@ from adapter.fhir.source import FhirSource
 class AppState:
     settings: Settings
     source: FhirSource
-    jobs: Any = None  # adapter.jobs.JobRunner
+    jobs: Any = None  # adapter.jobs.JobRunner (owns its threads and connections)
     trusted_hosts: frozenset[str] = frozenset()  # adapter.api.hosts: Host headers answered
 
 

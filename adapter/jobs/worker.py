@@ -7,16 +7,21 @@ Two ways to start one (same behaviour, same settings from config/ and FHIR_RERAN
 
 Each worker process loads the reranker(s) for its queues once, at start (`worker_process_init`,
 which warms each model up with one tiny scoring call), so the first job does not pay for it.
+The main process keeps the worker's heartbeat per queue in Redis and hands jobs whose worker
+died to their queue again (`worker_ready` → adapter.jobs.heartbeat.WorkerBeat).
 """
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from celery import Celery, signals
 
 from adapter.config import Settings, load_settings
-from adapter.tasks import make_celery, models_for_queues, queue_for_tier
+from adapter.jobs.app import make_celery
+from adapter.jobs.heartbeat import WorkerBeat
+from adapter.jobs.routing import models_for_queues, worker_queues
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +32,17 @@ _worker_queues: list[str] = []
 
 def make_worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app a worker runs: the task registered, the start-up signals connected."""
+    from adapter.pipeline import apply_cache_size
+
     settings = settings or load_settings()
+    apply_cache_size(settings.doc_cache_size)
     app = make_celery(settings)
-    import adapter.tasks  # noqa: F401 - registers the shared task on this app
+    import adapter.jobs.task  # noqa: F401 - registers the shared task on this app
 
     _quiet_task_results()
     signals.worker_init.connect(_remember_queues, weak=False, dispatch_uid="fhir-rerank-queues")
+    signals.worker_ready.connect(_start_beat, weak=False, dispatch_uid="fhir-rerank-beat")
+    signals.worker_shutdown.connect(_stop_beat, weak=False, dispatch_uid="fhir-rerank-unbeat")
     signals.worker_process_init.connect(_load_models, weak=False,
                                         dispatch_uid="fhir-rerank-load-models")
     return app
@@ -43,6 +53,25 @@ def _quiet_task_results() -> None:
     from celery.app import trace
 
     trace.LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+    trace.LOG_IGNORED = "Task %(name)s[%(id)s] ended without a new result (%(description)s)"
+
+
+_beat: list[WorkerBeat] = []
+
+
+def _start_beat(sender: Any = None, **_: object) -> None:
+    """In the main process once the worker consumes: heartbeats and the stale-job check."""
+    app = sender.app
+    settings: Settings = getattr(app, "fhir_settings", None) or load_settings()
+    queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    _beat.append(WorkerBeat(app, settings, sender.hostname, queues).start())
+    log.info("worker heartbeat every %g s for queues %s", settings.job_heartbeat_interval,
+             ",".join(queues))
+
+
+def _stop_beat(**_: object) -> None:
+    while _beat:
+        _beat.pop().stop()
 
 
 def _remember_queues(sender: object = None, **_: object) -> None:
@@ -65,11 +94,6 @@ def _load_models(**_: object) -> None:
     for model in models:
         reranker = get_reranker(settings, model)
         log.info("worker process %s ready: %s", os.getpid(), reranker.describe())
-
-
-def worker_queues(settings: Settings, tiers: list[str]) -> list[str]:
-    """The queues for `--tiers` (tier aliases, "default", queue names or model values)."""
-    return list(dict.fromkeys(queue_for_tier(settings, t) for t in tiers))
 
 
 def run_worker(settings: Settings, tiers: list[str], concurrency: int = 1,

@@ -1,0 +1,192 @@
+"""Jobs as Celery tasks on Redis, routed by model tier (adapter.jobs.routing).
+
+A small record per job in Redis (`fhir-rerank:job:<ref>`: owner identity, model, queue,
+stage, the sealed payload until it is answered) lets only the creator read or cancel it and
+lets another worker take over a job whose worker died (adapter.jobs.heartbeat). A down
+Redis is `QueueUnavailable` (503); so is a tier no live worker consumes, naming the command
+that starts one. Never a 500.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from adapter.config import Settings
+from adapter.errors import QueueUnavailable
+from adapter.jobs.app import make_celery
+from adapter.jobs.envelope import seal, unseal
+from adapter.jobs.heartbeat import job_key, live_workers
+from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of
+from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
+from adapter.jobs.task import TASK_NAME
+
+log = logging.getLogger(__name__)
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+PREPARE_TTL_S = 600  # a record whose API process died while preparing it goes away
+
+
+def _queue_errors() -> tuple[type[BaseException], ...]:
+    from celery.exceptions import BackendError
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import RedisError
+
+    return (OperationalError, RedisError, BackendError, ConnectionError, TimeoutError)
+
+
+class CeleryJobRunner(JobRunner):
+    """Jobs as Celery tasks on Redis, routed by model tier."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        import redis
+
+        self.app = make_celery(settings, set_as_current=False)
+        self.records = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout, retry_on_timeout=False,
+            decode_responses=True)
+        self._errors = _queue_errors()
+
+    def _unavailable(self, exc: BaseException) -> QueueUnavailable:
+        log.warning("job queue unreachable: %s", type(exc).__name__)
+        return QueueUnavailable("the job queue (Redis) is unreachable; retry in a few seconds",
+                                headers={"Retry-After": "5"})
+
+    def check_worker(self, queue: str) -> None:
+        """503 naming the tier and the command that starts a worker when none consumes it."""
+        try:
+            live = live_workers(self.settings, self.records)
+        except self._errors as exc:
+            raise self._unavailable(exc) from None
+        if not live.get(queue):
+            tier = tier_of(queue)
+            raise QueueUnavailable(
+                f"no worker consumes the {tier} tier (queue {queue}); start one with "
+                f"`fhir-rerank worker --tiers {tier}` (or `celery -A celery_app worker -Q "
+                f"{queue}`)", expression="model", headers={"Retry-After": "5"})
+
+    def _create(self, job_id: str, model: str, owner: str) -> None:
+        queue = queue_for_model(self.settings, model)
+        self.check_worker(queue)
+        record = {"owner": owner, "model": model, "queue": queue, "stage": "fetching",
+                  "submitted": f"{time.time():.3f}"}
+        key = job_key(job_ref(job_id))
+        try:
+            with self.records.pipeline() as pipe:
+                pipe.hset(key, mapping=record).expire(key, PREPARE_TTL_S)
+                pipe.execute()
+        except self._errors as exc:
+            raise self._unavailable(exc) from None
+
+    def _set_stage(self, job_id: str, stage: str) -> None:
+        from adapter.jobs.runners import JobCancelled
+
+        key = job_key(job_ref(job_id))
+        if not self.records.exists(key):
+            raise JobCancelled()
+        self.records.hset(key, "stage", stage)
+
+    def _fail(self, job_id: str, error: dict[str, Any]) -> None:
+        key = job_key(job_ref(job_id))
+        with self.records.pipeline() as pipe:
+            pipe.hset(key, mapping={"error": json.dumps(error), "finished": "1", "stage": ""})
+            pipe.expire(key, self.settings.result_expires)
+            pipe.execute()
+
+    def submit(self, payload: dict[str, Any], model: str, owner: str,
+               job_id: str | None = None) -> str:
+        if job_id is None:
+            job_id = new_job_id()
+            self._create(job_id, model, owner)
+        ref = job_ref(job_id)
+        queue = queue_for_model(self.settings, model)
+        envelope = seal(payload, self.settings.payload_key)
+        ttl = self.settings.result_expires + self.settings.task_time_limit
+        key = job_key(ref)
+        try:
+            if not self.records.exists(key):
+                return job_id  # cancelled while it was being prepared
+            with self.records.pipeline() as pipe:
+                pipe.hset(key, mapping={"stage": "", "envelope": json.dumps(envelope)})
+                pipe.expire(key, ttl)
+                pipe.execute()
+            self.app.send_task(TASK_NAME, args=[envelope, model], task_id=ref,
+                               queue=rerank_queue(queue), argsrepr="(<payload>, model)",
+                               kwargsrepr="{}")
+        except self._errors as exc:
+            raise self._unavailable(exc) from None
+        log.info("job %s queued on %s", ref[:12], queue)
+        return job_id
+
+    def _record(self, job_id: str, owner: str) -> dict[str, str]:
+        if not _JOB_ID.fullmatch(job_id):
+            raise not_found(job_id)
+        try:
+            record = self.records.hgetall(job_key(job_ref(job_id)))
+        except self._errors as exc:
+            raise self._unavailable(exc) from None
+        if not record or record.get("owner") != owner:
+            raise not_found(job_id)
+        return record
+
+    def status(self, job_id: str, owner: str) -> JobStatus:
+        record = self._record(job_id, owner)
+        if record.get("error"):
+            return JobStatus("failed", error=json.loads(record["error"]))
+        if record.get("stage"):
+            return JobStatus("preparing", stage=record["stage"])
+        ref = job_ref(job_id)
+        try:
+            meta = self.app.backend.get_task_meta(ref, cache=False)
+        except self._errors as exc:
+            raise self._unavailable(exc) from None
+        state, info = meta.get("status"), meta.get("result")
+        if state == "SUCCESS" and isinstance(info, dict):
+            if "error" in info:
+                return JobStatus("failed", error=info["error"], worker=info.get("worker"))
+            bundle = unseal(info["result"], self.settings.payload_key)
+            return JobStatus("done", bundle=bundle, worker=info.get("worker"))
+        if state == "PROGRESS" and isinstance(info, dict):
+            return JobStatus("running", int(info.get("done", 0)), info.get("total"))
+        if state in ("STARTED", "RETRY"):
+            return JobStatus("running")
+        if state == "FAILURE":
+            return JobStatus("failed", error=self._failure(ref, info))
+        if state == "REVOKED" or record.get("finished"):
+            raise not_found(job_id)  # result gone (expired) or never to come
+        return JobStatus("queued")
+
+    @staticmethod
+    def _failure(ref: str, exc: Any) -> dict[str, Any]:
+        name = type(exc).__name__
+        log.error("job %s failed on the worker: %s", ref[:12], name)
+        if name == "TimeLimitExceeded":
+            return {"status": 504, "code": "timeout",
+                    "message": "reranking passed task_time_limit and was stopped; lower "
+                               "`recall` or use a faster model tier"}
+        return {"status": 500, "code": "exception",
+                "message": f"reranking failed on the worker ({name}); the worker log has details"}
+
+    def cancel(self, job_id: str, owner: str) -> None:
+        self._record(job_id, owner)
+        self.forget(job_id)
+        try:
+            self.app.control.revoke(job_ref(job_id))  # a queued copy is dropped; a running
+        except self._errors as exc:  # one sees its record gone at the next batch and stops
+            raise self._unavailable(exc) from None
+
+    def forget(self, job_id: str) -> None:
+        ref = job_ref(job_id)
+        try:
+            self.records.delete(job_key(ref))
+            self.app.backend.forget(ref)
+        except self._errors as exc:
+            raise self._unavailable(exc) from None
+
+    def close(self) -> None:
+        super().close()
+        self.records.close()
+        self.app.close()

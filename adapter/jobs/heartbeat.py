@@ -1,0 +1,206 @@
+"""Liveness in Redis: which workers consume which queue, and which jobs are still making
+progress. Both survive nothing but the processes that write them, so a SIGKILLed worker
+(main process and children, as when its machine dies) is noticed within `job_stale_after`
+seconds whatever the broker's visibility timeout.
+
+Keys (all small; no patient data, no job ids — a job is named by its `ref`, a digest of
+its id, see adapter.jobs.runners.job_ref):
+- `fhir-rerank:workers:<queue>`  sorted set: worker hostname → last heartbeat (unix time)
+- `fhir-rerank:running`          sorted set: job ref → last heartbeat of the running task
+- `fhir-rerank:lease:<ref>`      the hostname running the job; expires after job_stale_after
+
+Every worker's main process runs one `WorkerBeat` thread: it refreshes its queues'
+heartbeats and hands each job whose heartbeat went stale back to its queue (the job record
+keeps the sealed payload), claimed with an atomic ZREM so exactly one worker re-sends it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from adapter.config import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "fhir-rerank:"
+RUNNING_KEY = KEY_PREFIX + "running"
+JOB_KEY_PREFIX = KEY_PREFIX + "job:"
+
+
+def job_key(ref: str) -> str:
+    return JOB_KEY_PREFIX + ref
+
+
+def workers_key(queue: str) -> str:
+    return f"{KEY_PREFIX}workers:{queue}"
+
+
+def lease_key(ref: str) -> str:
+    return f"{KEY_PREFIX}lease:{ref}"
+
+
+def _redis(settings: Settings) -> Any:
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout,
+                                socket_connect_timeout=settings.redis_timeout,
+                                decode_responses=True)
+
+
+_live_cache: dict[tuple[str, float], tuple[float, dict[str, int]]] = {}
+_live_lock = threading.Lock()
+LIVE_CACHE_S = 2.0
+
+
+def live_workers(settings: Settings, client: Any = None, *, cached: bool = True
+                 ) -> dict[str, int]:
+    """{queue: number of workers whose heartbeat is younger than job_stale_after}, for every
+    queue some worker announced. Cached for 2 s (the API asks on each job submit and in the
+    readiness check). Raises Redis errors to the caller."""
+    cache_key = (settings.redis_url, settings.job_stale_after)
+    now = time.time()
+    if cached:
+        with _live_lock:
+            hit = _live_cache.get(cache_key)
+        if hit and now - hit[0] < LIVE_CACHE_S:
+            return dict(hit[1])
+    own = client is None
+    client = client or _redis(settings)
+    try:
+        counts: dict[str, int] = {}
+        for key in client.scan_iter(match=workers_key("*"), count=100):
+            queue = key.removeprefix(KEY_PREFIX + "workers:")
+            live = client.zcount(key, now - settings.job_stale_after, "+inf")
+            if live:
+                counts[queue] = int(live)
+    finally:
+        if own:
+            client.close()
+    with _live_lock:
+        _live_cache[cache_key] = (now, counts)
+    return dict(counts)
+
+
+def forget_live_cache() -> None:
+    with _live_lock:
+        _live_cache.clear()
+
+
+# --- a running job's heartbeat (in the process that runs it) -----------------------------
+
+def claim_lease(client: Any, ref: str, holder: str, settings: Settings) -> bool:
+    """Take the job's lease; False while another live worker holds it (a duplicate delivery)."""
+    ttl = max(1, int(settings.job_stale_after))
+    if client.set(lease_key(ref), holder, nx=True, ex=ttl):
+        return True
+    return client.get(lease_key(ref)) == holder
+
+
+class JobBeat:
+    """While a job runs: its heartbeat in `fhir-rerank:running` and its lease, renewed every
+    `job_heartbeat_interval` seconds from a thread. `with JobBeat(...):` around the work."""
+
+    def __init__(self, client: Any, ref: str, holder: str, settings: Settings) -> None:
+        self.client, self.ref, self.holder, self.settings = client, ref, holder, settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        ttl = max(1, int(self.settings.job_stale_after))
+        with self.client.pipeline() as pipe:
+            pipe.zadd(RUNNING_KEY, {self.ref: time.time()}).set(lease_key(self.ref), self.holder,
+                                                               ex=ttl)
+            pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.job_heartbeat_interval):
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - Redis hiccup: the next beat may succeed
+                log.warning("job heartbeat failed: %s", type(exc).__name__)
+
+    def __enter__(self) -> "JobBeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            with self.client.pipeline() as pipe:
+                pipe.zrem(RUNNING_KEY, self.ref).delete(lease_key(self.ref))
+                pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - the entry goes stale and is checked later
+            log.warning("could not clear a job heartbeat: %s", type(exc).__name__)
+
+
+# --- the worker's own heartbeat and the hand-over of stale jobs --------------------------
+
+def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
+    """Re-send each job whose heartbeat is older than job_stale_after to its queue; returns
+    how many. The ZREM is the claim: of several workers checking, one re-sends a job."""
+    from adapter.jobs.routing import rerank_queue
+    from adapter.jobs.task import TASK_NAME
+
+    ceiling = time.time() - settings.job_stale_after
+    handed = 0
+    for ref in client.zrangebyscore(RUNNING_KEY, "-inf", ceiling, start=0, num=50):
+        if not client.zrem(RUNNING_KEY, ref):
+            continue  # another worker claimed it
+        record = client.hgetall(job_key(ref))
+        if not record or record.get("finished") or not record.get("envelope"):
+            continue  # cancelled, expired or answered meanwhile
+        app.send_task(TASK_NAME, args=[json.loads(record["envelope"]), record["model"]],
+                      task_id=ref, queue=rerank_queue(record["queue"]),
+                      argsrepr="(<payload>, model)", kwargsrepr="{}")
+        handed += 1
+    if handed:
+        log.warning("%d job(s) stopped making progress (no heartbeat for %.0f s; their worker "
+                    "is gone); handed to another worker", handed, settings.job_stale_after)
+    return handed
+
+
+class WorkerBeat:
+    """The worker's main-process thread: queue heartbeats and the stale-job check."""
+
+    def __init__(self, app: Any, settings: Settings, hostname: str, queues: list[str]) -> None:
+        self.app, self.settings, self.hostname, self.queues = app, settings, hostname, queues
+        self.client = _redis(settings)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        now = time.time()
+        with self.client.pipeline() as pipe:
+            for queue in self.queues:
+                pipe.zadd(workers_key(queue), {self.hostname: now})
+                pipe.zremrangebyscore(workers_key(queue), "-inf", now - 3600)
+            pipe.execute()
+
+    def start(self) -> "WorkerBeat":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.job_heartbeat_interval):
+            try:
+                self.beat()
+                hand_over_stale_jobs(self.client, self.app, self.settings)
+            except Exception as exc:  # noqa: BLE001 - Redis down: try again next round
+                log.warning("worker heartbeat failed: %s", type(exc).__name__)
+
+    def stop(self) -> None:
+        """Leave: the API at once stops counting this worker for its queues."""
+        self._stop.set()
+        try:
+            with self.client.pipeline() as pipe:
+                for queue in self.queues:
+                    pipe.zrem(workers_key(queue), self.hostname)
+                pipe.execute()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not remove the worker heartbeat: %s", type(exc).__name__)

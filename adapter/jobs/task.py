@@ -1,0 +1,132 @@
+"""The rerank job: its body (`rank_job`, with or without Celery) and the Celery task.
+
+The task holds no logic: it opens the payload that `adapter.pipeline.prepare_search` built in
+the API process, calls `rank_prepared` with the worker's reranker and returns the sealed
+Bundle. While it runs it keeps a heartbeat and a lease in Redis (adapter.jobs.heartbeat), so
+a job whose worker died is handed to another one, and a duplicate delivery of a job that a
+live worker is running is dropped. A failure is stored as the job's OperationOutcome
+(`error_answer`, the mapping HTTP uses too) and logged as a failure, never as "succeeded".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from celery import Celery, shared_task, states
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from adapter.config import Settings, load_settings
+from adapter.errors import JobTimeout, ModelLoadError, RerankerUnavailable, error_answer
+from adapter.jobs.envelope import PayloadKeyError, seal, unseal
+from adapter.jobs.heartbeat import JobBeat, claim_lease, job_key
+from adapter.jobs.runners import JobCancelled
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "adapter.jobs.rerank"
+
+
+def rank_job(payload: dict[str, Any], model: str, settings: Settings,
+             on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Score the prepared candidates with the process-wide reranker for `model`; the Bundle."""
+    from adapter.pipeline import rank_prepared
+    from adapter.rerank import get_reranker
+
+    # Concurrent jobs may share the reranker: the Qwen3 engine runs one forward at a time per
+    # model, and `last_report` is per thread, so each job reads its own call's report.
+    return rank_prepared(payload, get_reranker(settings, model), on_progress=on_progress)
+
+
+def job_error(exc: BaseException, settings: Settings | None = None,
+              where: str = "worker") -> dict[str, Any]:
+    """What a failed job answers: the same mapping as an HTTP error (`error_answer`)."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        limit = settings.task_soft_time_limit if settings else "?"
+        exc = JobTimeout(f"reranking took longer than task_soft_time_limit ({limit} s); lower "
+                         "`recall` or use a faster model tier")
+    return error_answer(exc, where).to_json()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry with backoff: a model that could not load, a GPU out of memory."""
+    if isinstance(exc, PayloadKeyError):
+        return False
+    return isinstance(exc, (RerankerUnavailable, ModelLoadError)) or \
+        type(exc).__name__ == "OutOfMemoryError"
+
+
+class _TaskProgress:
+    """on_progress for a Celery task: PROGRESS state (throttled), and the cancel check."""
+
+    def __init__(self, task: Any, client: Any, ref: str, interval: float = 0.2) -> None:
+        self.task, self.client, self.ref, self.interval = task, client, ref, interval
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self.interval:
+            return
+        self._last = now
+        if not self.client.exists(job_key(self.ref)):
+            raise JobCancelled()
+        self.task.update_state(state="PROGRESS", meta={"done": done, "total": total})
+
+
+def _settings_of(app: Celery) -> Settings:
+    settings = getattr(app, "fhir_settings", None)
+    return settings if settings is not None else load_settings()
+
+
+@shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
+def rerank(self: Any, envelope: dict[str, Any], model: str) -> dict[str, Any]:
+    """Rerank one prepared search. Returns {"result": sealed Bundle, "worker": hostname}."""
+    settings = _settings_of(self.app)
+    ref = self.request.id  # the job's ref (a digest of its id), never the id itself
+    client = self.app.backend.client
+    key = job_key(ref)
+    # Cancelled/expired before it ran, or already answered (a copy redelivered after its worker
+    # died between storing the result and acking): nothing to do, and no state write, so an
+    # answered job's result is never overwritten.
+    if not client.expire(key, settings.result_expires + settings.task_time_limit) or \
+            self.backend.get_task_meta(ref, cache=False).get("status") == states.SUCCESS:
+        raise Ignore()
+    holder = f"{self.request.hostname}/{os.getpid()}"
+    if not claim_lease(client, ref, holder, settings):
+        log.info("dropped a duplicate delivery of a job a live worker is running")
+        raise Ignore()
+    failure: BaseException | None = None
+    with JobBeat(client, ref, holder, settings):
+        log.info("job %s: reranking with %s", ref[:12], model if "/" not in model else "a model")
+        self.update_state(state="PROGRESS", meta={"done": 0, "total": None})
+        try:
+            bundle = rank_job(unseal(envelope, settings.payload_key), model, settings,
+                              _TaskProgress(self, client, ref))
+            answer: dict[str, Any] = {"result": seal(bundle, settings.payload_key)}
+        except JobCancelled:
+            log.info("job %s cancelled while running", ref[:12])
+            self.backend.forget(ref)  # a PROGRESS write may have raced the DELETE
+            raise Ignore() from None
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OperationOutcome
+            if is_transient(exc) and self.request.retries < settings.task_max_retries:
+                countdown = 2 ** self.request.retries
+                log.warning("job %s: transient %s, retry in %s s", ref[:12],
+                            type(exc).__name__, countdown)
+                raise self.retry(countdown=countdown,
+                                 max_retries=settings.task_max_retries) from None
+            failure, answer = exc, {"error": job_error(exc, settings)}
+    answer["worker"] = self.request.hostname
+    if not client.exists(key):  # cancelled during the last batch: store nothing
+        self.backend.forget(ref)
+        raise Ignore()
+    with client.pipeline() as pipe:  # readable for result_expires from now, like the result
+        pipe.hset(key, "finished", "1").hdel(key, "envelope").expire(key, settings.result_expires)
+        pipe.execute()
+    if failure is not None:
+        # Stored as the job's answer, and logged as what it is: a failure, not "succeeded".
+        self.backend.store_result(ref, answer, states.SUCCESS, request=self.request)
+        log.error("job %s failed: %s %s (%s)", ref[:12], answer["error"]["status"],
+                  answer["error"]["code"], type(failure).__name__)
+        raise Ignore()
+    return answer
