@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from adapter.config import Settings
 from adapter.errors import NotFound, UpstreamNotFound
 from adapter.fhir.bundle import searchset
-from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, flatten_documents,
-                                  validation_outcome)
+from adapter.fhir.deadline import remaining, submit_in_context, upstream_deadline
+from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, attachment_urls, cached_text,
+                                  flatten_documents, validation_outcome)
 from adapter.fhir.search_params import filters_for
 from adapter.fhir.source import FhirSource
+from adapter.identity import caller_identity
 from adapter.lru import LRU
 from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
@@ -71,10 +74,17 @@ def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[st
 
 def collect_documents(request: SearchRequest, source: FhirSource,
                       settings: Settings) -> tuple[list[Document], list[Outcome]]:
-    """Fetch the requested types concurrently and flatten them.
+    """Fetch the requested types concurrently and flatten them, all the upstream work (pages
+    and attachments) within one `upstream_deadline`; past it, a 504.
 
     Returns (documents, outcomes). An unknown patient is a 404.
     """
+    with upstream_deadline(settings.upstream_deadline):
+        return _collect_documents(request, source, settings)
+
+
+def _collect_documents(request: SearchRequest, source: FhirSource,
+                       settings: Settings) -> tuple[list[Document], list[Outcome]]:
     searches = [(t, upstream_params(request, t)) for t in request.types]
     limit = settings.max_resources
     with timed_stage("fetch"):
@@ -82,14 +92,18 @@ def collect_documents(request: SearchRequest, source: FhirSource,
             searches, authorization=request.authorization, limit=limit)
     outcomes: list[Outcome] = []
     documents: list[Document] = []
-    attachment_loader = _attachment_loader(source, request.authorization)
+    caller = caller_identity(request.authorization)  # scopes text built from attachments
+    attachment_loader = prefetch_attachments(
+        source, request.authorization, caller,
+        [(r, u) for t in request.types for r, u in zip(results[t].resources,
+                                                       results[t].full_urls)])
     for resource_type in request.types:
         result = results[resource_type]
         outcomes.extend(result.outcomes)
         with timed_stage("flatten"):
             docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
                                                     attachment_loader=attachment_loader,
-                                                    validate=False)
+                                                    validate=False, caller=caller)
         documents.extend(d for d in docs if d.type == resource_type)
         outcomes.extend(flat_outcomes)
     if request.patient and not documents:
@@ -103,9 +117,32 @@ def collect_documents(request: SearchRequest, source: FhirSource,
     return documents, outcomes
 
 
-def _attachment_loader(source: FhirSource, authorization: str | None
-                       ) -> Callable[[str], tuple[str, bytes] | None]:
+ATTACHMENT_FETCHES = 8  # attachments fetched at once for one search
+
+
+def prefetch_attachments(source: FhirSource, authorization: str | None, caller: str,
+                         resources: list[tuple[dict, str]]
+                         ) -> Callable[[str], tuple[str, bytes] | None]:
+    """Fetch, concurrently and within the search's deadline, the attachments (by URL) of the
+    resources whose text this caller has not cached; the loader flatten then reads from."""
+    urls = list(dict.fromkeys(url for resource, full_url in resources
+                              if cached_text(resource, full_url, caller) is None
+                              for url in attachment_urls(resource)))
+    fetched: dict[str, tuple[str, bytes] | None] = {}
+    if urls:
+        with ThreadPoolExecutor(max_workers=min(ATTACHMENT_FETCHES, len(urls)),
+                                thread_name_prefix="fhir-attachment") as pool:
+            futures = {url: submit_in_context(pool, source.fetch_attachment, url, authorization)
+                       for url in urls}
+            for url, future in futures.items():
+                fetched[url] = future.result()
+
     def load(url: str) -> tuple[str, bytes] | None:
+        if url in fetched:
+            return fetched[url]
+        left = remaining()
+        if left is not None and left <= 0:
+            return None
         return source.fetch_attachment(url, authorization)
     return load
 

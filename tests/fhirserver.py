@@ -170,12 +170,28 @@ class FhirTestServer:
 
     def inject_fault(self, status: int | None = None, times: int = 1, path_contains: str = "",
                      retry_after: float | None = None, delay: float = 0, malformed: bool = False,
-                     body: dict | str | None = None) -> None:
+                     body: dict | str | None = None, stall: float = 0) -> None:
         """The next `times` /fhir requests whose path+query contains `path_contains` get
-        `status` (OperationOutcome or `body`), wait `delay` s first, or get a non-JSON 200."""
+        `status` (OperationOutcome or `body`), wait `delay` s first, get a non-JSON 200, or
+        (`stall`) get a 200 whose body stops after a few bytes for `stall` seconds."""
         self._admin("faults", {"status": status, "times": times, "path_contains": path_contains,
                                "retry_after": retry_after, "delay": delay, "malformed": malformed,
-                               "body": body})
+                               "body": body, "stall": stall})
+
+    def put(self, resource: dict) -> dict:
+        """PUT one resource (created or updated with a new meta.versionId); the stored copy."""
+        url = f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
+        response = requests.put(url, json=resource, timeout=HTTP_TIMEOUT_S, headers={
+            "Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+        response.raise_for_status()
+        return response.json()
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        requests.delete(f"{self.base_url}/{resource_type}/{resource_id}", timeout=HTTP_TIMEOUT_S)
+
+    def protect_binary(self, binary_id: str, token: str) -> None:
+        """Serve Binary/<binary_id> only to Authorization == `token` (403 to anyone else)."""
+        self._admin("binary-auth", {"id": binary_id, "token": token})
 
     def set_auth(self, token: str | None = None, forbid: str | None = None) -> None:
         """Require exactly `token` as Authorization (401 otherwise); answer 403 to `forbid`.

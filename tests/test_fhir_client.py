@@ -204,6 +204,11 @@ def test_binary_attachment_fetched_and_size_capped(fhir: FhirTestServer) -> None
     fhir.reset()
     assert source.fetch_attachment("http://elsewhere.example/fhir/Binary/f006?x=1") is None
     assert fhir.requests() == []  # another server: not even asked
+    # Same host, outside the FHIR base: the caller's token is not sent there either (this
+    # admin URL answers 200 JSON to anyone, so a fetch would have returned its bytes).
+    origin = fhir.base_url.rsplit("/fhir", 1)[0]
+    assert source.fetch_attachment(f"{origin}/admin/requests", "Bearer secret") is None
+    assert source.fetch_attachment(f"{origin}/fhir-other/Binary/f006", "Bearer x") is None
 
 
 def test_search_many_runs_the_types_concurrently(fhir: FhirTestServer) -> None:
@@ -290,6 +295,10 @@ def test_relative_links_odd_entries_and_foreign_next_link(crafted: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         FhirRestSource(crafted, **FAST).search("Observation", [])
     assert "another server" in caught.value.message and "evil.example" in caught.value.message
+    origin = crafted.rsplit("/fhir", 1)[0]
+    CraftedFhir.pages = {"": _bundle([_obs("a")], f"{origin}/other/Observation?page=2")}
+    with pytest.raises(UpstreamError, match="outside the FHIR base"):
+        FhirRestSource(crafted, **FAST).search("Observation", [])
     CraftedFhir.pages = {"": {"resourceType": "Patient", "id": "x"}}
     with pytest.raises(UpstreamError, match="expected a Bundle"):
         FhirRestSource(crafted, **FAST).search("Observation", [])

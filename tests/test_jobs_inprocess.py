@@ -180,3 +180,45 @@ def test_only_transient_errors_are_retried():
     assert is_transient(RerankerUnavailable("model busy"))
     assert not is_transient(PayloadKeyError("other key")) and not is_transient(BadRequest("x"))
     assert not is_transient(KeyError("Jane Doe"))
+
+
+def test_anonymous_jobs_are_readable_only_by_their_own_id(tiny_model_dir, caplog):
+    """Without Authorization the job id is the capability: another anonymous caller holding
+    another id reads nothing, and no id reaches a log line (nor the access log's path)."""
+    import logging
+
+    from adapter.logsafe import redact_path
+
+    caplog.set_level(logging.INFO)
+    client = make_app(tiny_model_dir).test_client()
+    mine = job_path(client.get(SEARCH, headers=ASYNC))
+    theirs = job_path(client.get(SEARCH.replace("diabetes", "asthma"), headers=ASYNC))
+    assert mine != theirs
+    assert poll(client, mine)[0].status_code == 200
+    assert poll(client, theirs)[0].status_code == 200
+    for other in ("/fhir/_async/" + new_job_id(), mine[:-1] + ("A" if mine[-1] != "A" else "B")):
+        assert client.get(other).status_code == 404
+        assert client.delete(other).status_code == 404
+    assert client.get(mine, headers={"Authorization": "Bearer alice"}).status_code == 404
+    for path in (mine, theirs):
+        job_id = path.rsplit("/", 1)[1]
+        assert job_id not in caplog.text
+        assert job_id not in redact_path(path) and redact_path(path) == "/fhir/_async/*"
+
+
+def test_a_local_copy_of_a_tier_routes_to_that_tier(tmp_path):
+    import json
+
+    from adapter.jobs.routing import local_model_tier
+
+    shapes = {"0.6B": (1024, 28), "4B": (2560, 36), "8B": (4096, 36), None: (64, 2)}
+    for tier, (hidden, layers) in shapes.items():
+        local = tmp_path / f"m-{tier}"
+        local.mkdir()
+        (local / "config.json").write_text(json.dumps(
+            {"model_type": "qwen3", "hidden_size": hidden, "num_hidden_layers": layers}))
+        settings = load_settings({"model": str(local), "models_allowed": [str(local)]}, env={})
+        assert local_model_tier(str(local)) == tier
+        assert queue_for_model(settings, str(local)) == f"rerank.{tier or 'default'}"
+        if tier:
+            assert models_for_queues(settings, worker_queues(settings, [tier])) == [str(local)]

@@ -1,15 +1,4 @@
-"""Who is calling: a stable, non-reversible identity derived from the Authorization header.
+"""Who is calling (see adapter.identity; kept here for the API's imports)."""
+from adapter.identity import ANONYMOUS, caller_identity
 
-Jobs are readable only by the identity that created them. The header itself is never stored.
-"""
-from __future__ import annotations
-
-import hashlib
-
-ANONYMOUS = "anonymous"
-
-
-def caller_identity(authorization: str | None) -> str:
-    if not authorization:
-        return ANONYMOUS
-    return "sha256:" + hashlib.sha256(authorization.encode("utf-8")).hexdigest()
+__all__ = ["ANONYMOUS", "caller_identity"]

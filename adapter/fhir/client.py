@@ -22,6 +22,7 @@ import requests
 
 from adapter.errors import (BadRequest, UpstreamAuthError, UpstreamError, UpstreamGone,
                             UpstreamNotFound, UpstreamThrottled, UpstreamTimeout)
+from adapter.fhir.deadline import expired_error, remaining, submit_in_context
 from adapter.fhir.source import FhirSource
 from adapter.logsafe import redact_path
 from adapter.models import FetchResult, Outcome
@@ -72,6 +73,7 @@ class FhirRestSource(FhirSource):
         self.retry_after_cap = retry_after_cap
         self.session = session or requests.Session()
         self._origin = _origin(self.base_url)
+        self._base_path = urlsplit(self.base_url).path.rstrip("/")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "FhirRestSource":
@@ -81,6 +83,14 @@ class FhirRestSource(FhirSource):
                    max_pages=settings.fhir_max_pages, page_size=settings.fhir_page_size,
                    max_attachment_bytes=settings.max_attachment_bytes,
                    max_resources=settings.max_resources)
+
+    def _under_base(self, url: str) -> bool:
+        """True for URLs on the FHIR base's origin *and* under its path: the only URLs the
+        caller's Authorization is sent to (not other paths of the same host)."""
+        if _origin(url) != self._origin:
+            return False
+        path = urlsplit(url).path.rstrip("/")
+        return path == self._base_path or path.startswith(self._base_path + "/")
 
     def describe(self) -> str:
         return f"FhirRestSource({self.base_url})"
@@ -95,15 +105,31 @@ class FhirRestSource(FhirSource):
         attempts = self.retries + 1
         for attempt in range(attempts):
             last, retry_after = attempt == attempts - 1, None
+            left = remaining()
+            if left is not None and left <= 0:
+                raise expired_error(f"GET {redact_path(path)}")
+            timeout = self.timeout if left is None else min(self.timeout, left)
             try:
-                response = self.session.get(url, headers=headers, timeout=self.timeout,
+                response = self.session.get(url, headers=headers, timeout=timeout,
                                             stream=stream, allow_redirects=False)
-            except requests.Timeout as exc:  # a read timeout is not retried: it would multiply
-                if last or not isinstance(exc, requests.ConnectTimeout):
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                # A read timeout (also one inside the body, which requests reports as a
+                # ConnectionError) is not retried: it would multiply the wait.
+                read_timeout = isinstance(exc, requests.ReadTimeout) or \
+                    "Read timed out" in str(exc)
+                if read_timeout or (isinstance(exc, requests.Timeout) and last):
+                    if left is not None and timeout < self.timeout:
+                        raise expired_error(f"GET {redact_path(path)}") from None
                     raise UpstreamTimeout(
-                        f"the FHIR server did not answer GET {path} within {self.timeout:g} s; "
-                        "narrow the search or raise fhir_timeout") from None
-                problem = "connect timeout"
+                        f"the FHIR server did not answer GET {redact_path(path)} within "
+                        f"{self.timeout:g} s; narrow the search or raise fhir_timeout") from None
+                if last:
+                    raise UpstreamError(
+                        f"could not reach the FHIR server for GET {redact_path(path)} "
+                        f"({type(exc).__name__}, {attempts} attempts); check fhir_base_url and "
+                        "that the server is up") from None
+                problem = "connect timeout" if isinstance(exc, requests.Timeout) else \
+                    type(exc).__name__
             except requests.RequestException as exc:
                 if last:
                     raise UpstreamError(
@@ -128,7 +154,8 @@ class FhirRestSource(FhirSource):
         hinted = _parse_retry_after(retry_after)
         if hinted is not None:
             delay = max(delay, min(hinted, self.retry_after_cap))
-        time.sleep(delay)
+        left = remaining()
+        time.sleep(delay if left is None else max(0.0, min(delay, left)))
 
     def _get_json(self, url: str, authorization: str | None, expect: str) -> dict[str, Any]:
         """GET a FHIR JSON resource of type `expect`; malformed bodies are UpstreamError."""
@@ -239,10 +266,11 @@ class FhirRestSource(FhirSource):
             url = self.base_url + link
         else:
             url = urljoin(self.base_url + "/", link)
-        if _origin(url) != self._origin:
-            raise UpstreamError(f"refusing to follow a paging link to another server "
-                                f"({urlsplit(url).netloc}); the FHIR server must page on "
-                                f"{self._origin[1]} (check its base URL setting)")
+        if not self._under_base(url):
+            raise UpstreamError("refusing to follow a paging link to another server or outside "
+                                f"the FHIR base ({urlsplit(url).netloc}, base {self.base_url}): "
+                                "the caller's credentials go to that base only; check the "
+                                "FHIR server's base URL setting")
         return url
 
     def search_many(self, searches: list[tuple[str, list[tuple[str, str]]]],
@@ -253,7 +281,8 @@ class FhirRestSource(FhirSource):
             return super().search_many(searches, authorization, limit)
         with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(searches)),
                                 thread_name_prefix="fhir-search") as pool:
-            futures = [(rtype, pool.submit(self.search, rtype, params, authorization, limit))
+            futures = [(rtype, submit_in_context(pool, self.search, rtype, params,
+                                                 authorization, limit))
                        for rtype, params in searches]
             return {rtype: future.result() for rtype, future in futures}
 
@@ -269,20 +298,19 @@ class FhirRestSource(FhirSource):
 
     def fetch_attachment(self, url: str, authorization: str | None = None
                          ) -> tuple[str, bytes] | None:
-        """(content type, bytes) of an attachment on this server (`Binary/x` or an absolute URL
-        with the same origin), or None when it is elsewhere, missing, unreadable or over
-        max_attachment_bytes. Never raises."""
+        """(content type, bytes) of an attachment under the FHIR base (`Binary/x` or an
+        absolute URL under the base path), or None when it is elsewhere, missing, unreadable
+        or over max_attachment_bytes. Never raises."""
         absolute = urljoin(self.base_url + "/", url)
-        parts = urlsplit(absolute)
-        if _origin(absolute) != self._origin:
-            log.warning("not fetching an attachment from another server (%s://%s%s)",
-                        parts.scheme, parts.netloc, parts.path)
+        if not self._under_base(absolute):
+            log.warning("not fetching an attachment outside the FHIR base (the caller's "
+                        "credentials go to the base only)")
             return None
         try:
             response = self._get(absolute, authorization, accept=f"{FHIR_JSON}, */*;q=0.5",
                                  stream=True)
         except (UpstreamError, BadRequest) as exc:
-            log.warning("attachment %s not fetched: %s", parts.path, exc.message)
+            log.warning("an attachment was not fetched: %s", type(exc).__name__)
             return None
         cap = self.max_attachment_bytes
         with response:
@@ -294,8 +322,8 @@ class FhirRestSource(FhirSource):
         if body is not None and is_json:
             ctype, body = _binary_content(ctype, body)
         if body is None or len(body) > cap:
-            log.warning("attachment %s skipped: unreadable or over max_attachment_bytes=%d",
-                        parts.path, cap)
+            log.warning("an attachment was skipped: unreadable or over max_attachment_bytes=%d",
+                        cap)
             return None
         return ctype, body
 

@@ -226,6 +226,10 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
 #: Flattened text, and R4B problems, per resource *version*: a FHIR server gives a changed
 #: resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
 #: Resources without either are never cached. Size: settings.doc_cache_size.
+#: Text that needed an attachment fetched by URL depends on who fetched it (the caller's
+#: credentials may open a Binary another caller may not read, or fail where theirs would
+#: not): it is cached under (version, caller identity), never shared across callers, and
+#: not at all when an attachment could not be loaded (the next search tries again).
 FLATTEN_CACHE: LRU[str] = LRU(10000, "flattened_text")
 PROBLEMS_CACHE: LRU[list[str]] = LRU(10000, "validation")
 
@@ -251,6 +255,68 @@ def _cached(cache: LRU, key: tuple | None, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def attachment_urls(resource: Any) -> list[str]:
+    """URLs of the attachments (without inline data) anywhere in a resource, in order."""
+    found: list[str] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            if key.endswith(("attachment", "Attachment")) and isinstance(node.get("url"), str) \
+                    and node["url"].strip() and not node.get("data"):
+                found.append(node["url"])
+            for child_key, child in node.items():
+                walk(child, child_key)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, key)
+
+    walk(resource, "")
+    return found
+
+
+def cached_text(resource: dict, full_url: str, caller: str) -> str | None:
+    """The cached text of this resource version that `caller` may see, or None."""
+    key = _version_key(resource, full_url) if isinstance(resource, dict) else None
+    if key is None:
+        return None
+    return FLATTEN_CACHE.get(key) or FLATTEN_CACHE.get(key + ("caller", caller))
+
+
+def _flatten_cached(resource: dict, full_url: str, loader: AttachmentLoader | None,
+                    caller: str) -> str:
+    """The resource's text from the cache when this caller may see it, else flattened now.
+
+    Text that fetched nothing is shared by every caller (the key is the version); text that
+    asked the loader for a URL is kept under (version, caller) only."""
+    key = _version_key(resource, full_url)
+    if key is None:
+        return _safe_flatten(resource, loader)
+    if loader is None:
+        key = key + ("no-loader",)
+    shared = FLATTEN_CACHE.get(key)
+    if shared is not None:
+        return shared
+    own_key = key + ("caller", caller)
+    own = FLATTEN_CACHE.get(own_key)
+    if own is not None:
+        return own
+    fetched: list[bool] = []
+
+    def recording(url: str) -> tuple[str, bytes] | None:
+        try:
+            loaded = loader(url)  # type: ignore[misc]
+        except Exception:
+            fetched.append(False)
+            raise
+        fetched.append(loaded is not None)
+        return loaded
+
+    text = _safe_flatten(resource, recording if loader is not None else None)
+    if all(fetched):  # an attachment that failed (deadline, 403, down) is tried again next time
+        FLATTEN_CACHE.put(own_key if fetched else key, text)
+    return text
+
+
 def validation_outcome(documents: list[Document]) -> Outcome | None:
     """One information Outcome listing the documents whose resource the R4B models reject
     (they were flattened leniently), or None. Costs ~4x a flatten, so the pipeline runs it
@@ -273,12 +339,14 @@ def validation_outcome(documents: list[Document]) -> Outcome | None:
 
 def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
                       attachment_loader: Callable[[str], tuple[str, bytes] | None] | None = None,
-                      *, validate: bool = True) -> tuple[list[Document], list[Outcome]]:
+                      *, validate: bool = True, caller: str = "anonymous"
+                      ) -> tuple[list[Document], list[Outcome]]:
     """Resources → Documents for the ranked types, plus warnings for what was skipped.
 
     Other resource types, resources without an id and repeated ids are skipped with a warning
     Outcome. With `validate`, resources the R4B models reject are listed in one information
     Outcome (see `validation_outcome`). Diagnostics name type and id only, never content.
+    `caller` (adapter.identity.caller_identity) scopes text built from fetched attachments.
     """
     documents: list[Document] = []
     outcomes: list[Outcome] = []
@@ -302,8 +370,7 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
             continue
         seen.add(doc_id)
         full_url = full_urls[index] if full_urls and index < len(full_urls) else ""
-        text = _cached(FLATTEN_CACHE, _version_key(resource, full_url),
-                       lambda resource=resource: _safe_flatten(resource, attachment_loader))
+        text = _flatten_cached(resource, full_url, attachment_loader, caller)
         documents.append(Document(doc_id, rtype, text, resource, full_url or ""))
     if validate:
         lenient = validation_outcome(documents)

@@ -63,6 +63,7 @@ class Controls {
   reset() {
     this.faults = [];
     this.auth = { token: null, forbid: null };
+    this.binaryTokens = {};  // Binary id → the only Authorization that may read it
     this.log = [];
   }
 
@@ -226,6 +227,12 @@ function createServer(store, controls, mode, verbose, behaviour = { faults: new 
     if (fault) {
       if (fault.delay) await new Promise((r) => setTimeout(r, fault.delay * 1000));
       if (fault.malformed) return send(res, 200, '{"resourceType": "Bundle", "type": "searchset", "entr');
+      if (fault.stall) {  // headers and the start of a body, then nothing for `stall` seconds
+        res.writeHead(200, { 'Content-Type': 'application/fhir+json' });
+        res.write('{"resourceType": "Bundle", "type": "searchset", ');
+        await new Promise((r) => setTimeout(r, fault.stall * 1000));
+        return res.end('"entry": []}');
+      }
       if (fault.status) {
         const headers = fault.retry_after != null ? { 'Retry-After': String(fault.retry_after) } : {};
         const body = fault.body ?? operationOutcome('error', issueCode(fault.status), `Injected fault: HTTP ${fault.status}`);
@@ -240,6 +247,12 @@ function createServer(store, controls, mode, verbose, behaviour = { faults: new 
     }
     if (!isMetadata && controls.auth.token && auth !== controls.auth.token) {
       throw new HttpError(401, 'login', 'Missing or invalid Authorization header');
+    }
+
+    const binaryToken = segments[0] === 'Binary' && segments.length === 2
+      ? controls.binaryTokens[segments[1]] : undefined;
+    if (binaryToken !== undefined && auth !== binaryToken) {
+      throw new HttpError(403, 'forbidden', 'This token may not read this Binary');
     }
 
     if (isMetadata) return send(res, 200, capabilityStatement(store, mode));
@@ -276,10 +289,12 @@ function createServer(store, controls, mode, verbose, behaviour = { faults: new 
       controls.faults.push({
         status: body.status ?? null, times: body.times ?? 1, path_contains: body.path_contains ?? '',
         retry_after: body.retry_after ?? null, delay: body.delay ?? 0, malformed: Boolean(body.malformed),
-        body: body.body ?? null,
+        body: body.body ?? null, stall: body.stall ?? 0,
       });
     } else if (action === 'auth') {
       controls.auth = { token: body.token ?? null, forbid: body.forbid ?? null };
+    } else if (action === 'binary-auth') {
+      controls.binaryTokens[body.id] = body.token;
     } else if (action === 'expire-paging') {
       controls.pages.clear();
     } else if (action === 'reset') {

@@ -1,0 +1,99 @@
+"""Caller isolation against the real Node FHIR server: text built from an attachment that
+only one caller's token may read is never served to another caller, whichever searched
+first; the caller's token goes only to URLs under the FHIR base."""
+from __future__ import annotations
+
+import base64
+import uuid
+
+import pytest
+import requests
+
+from adapter import create_app
+from adapter.config import load_settings
+from adapter.fhir.flatten import FLATTEN_CACHE
+from adapter.pipeline import SCORE_CACHE
+from adapter.search.bm25 import INDEX_CACHE
+from fixtures_jobs import comparable_bundle
+
+ALICE, BOB = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+SECRET_WORD = "zebracanary"
+FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+
+
+def _put(base: str, resource: dict) -> dict:
+    url = f"{base}/{resource['resourceType']}/{resource['id']}"
+    resp = requests.put(url, json=resource, headers=FHIR_JSON, timeout=10)
+    assert resp.status_code in (200, 201), resp.text[:300]
+    return resp.json()
+
+
+@pytest.fixture()
+def secret_record(fhir):
+    """A patient with two notes; one note's text sits in a Binary only Alice may read."""
+    tag = uuid.uuid4().hex[:10]
+    pid, binary = f"iso-{tag}", f"iso-secret-{tag}"
+    base = fhir.base_url
+    made = [_put(base, {"resourceType": "Patient", "id": pid}),
+            _put(base, {"resourceType": "Binary", "id": binary, "contentType": "text/plain",
+                        "data": base64.b64encode(f"the {SECRET_WORD} biopsy result".encode())
+                        .decode()})]
+    for doc_id, content in ((f"iso-doc-{tag}", {"attachment": {
+            "contentType": "text/plain", "url": f"Binary/{binary}"}}),
+            (f"iso-plain-{tag}", {"attachment": {"contentType": "text/plain", "data":
+                                  base64.b64encode(b"routine visit, no findings").decode()}})):
+        made.append(_put(base, {
+            "resourceType": "DocumentReference", "id": doc_id, "status": "current",
+            "subject": {"reference": f"Patient/{pid}"}, "content": [content]}))
+    assert made[-1]["meta"]["versionId"]  # versioned: the flattened-text cache applies
+    fhir.protect_binary(binary, ALICE["Authorization"])
+    yield pid, f"DocumentReference/iso-doc-{tag}"
+    for resource in reversed(made):
+        requests.delete(f"{base}/{resource['resourceType']}/{resource['id']}", timeout=10)
+
+
+def _clear_caches() -> None:
+    for cache in (FLATTEN_CACHE, SCORE_CACHE, INDEX_CACHE):
+        cache.clear()
+
+
+def _search(client, pid: str, headers: dict) -> dict:
+    resp = client.get(f"/fhir/DocumentReference?patient={pid}&_content={SECRET_WORD}",
+                      headers=headers)
+    assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
+    return resp.get_json()
+
+
+def _score_of(bundle: dict, doc: str) -> float:
+    return next(e["search"]["score"] for e in bundle["entry"]
+                if e.get("resource", {}).get("id") == doc.split("/")[1])
+
+
+def test_attachment_text_is_never_shared_across_callers(fhir, secret_record):
+    pid, doc = secret_record
+    client = create_app(load_settings({"reranker": "none", "fhir_base_url": fhir.base_url,
+                                       "fhir_retries": 0}, env={})).test_client()
+    # Each caller alone, caches empty: the reference answers.
+    _clear_caches()
+    alone = {"alice": _search(client, pid, ALICE)}
+    _clear_caches()
+    alone["bob"] = _search(client, pid, BOB)
+    _clear_caches()
+    alone["anonymous"] = _search(client, pid, {})
+    assert _score_of(alone["alice"], doc) > _score_of(alone["bob"], doc)  # Alice reads it
+    assert _score_of(alone["bob"], doc) == _score_of(alone["anonymous"], doc)
+
+    # Alice first, then the others: they must not be ranked on Alice's attachment text.
+    _clear_caches()
+    _search(client, pid, ALICE)
+    for who, headers in (("bob", BOB), ("anonymous", {})):
+        assert comparable_bundle(_search(client, pid, headers)) == \
+            comparable_bundle(alone[who]), f"{who} was ranked on Alice's attachment"
+    # Bob first: his "could not be loaded" is not cached for Alice.
+    _clear_caches()
+    _search(client, pid, BOB)
+    assert comparable_bundle(_search(client, pid, ALICE)) == comparable_bundle(alone["alice"])
+    # And the Binary was asked for with each caller's own token only.
+    binary_calls = [r["authorization"] for r in fhir.requests() if "/Binary/" in r["path"]]
+    assert set(binary_calls) <= {ALICE["Authorization"], BOB["Authorization"], None}
+    assert ALICE["Authorization"] in binary_calls and BOB["Authorization"] in binary_calls
