@@ -4,7 +4,7 @@ Everything under the directory is loaded once, at construction: `*.json` files h
 (any type) or a single resource, and `*.ndjson` files (FHIR Bulk Data, one resource a line),
 recursively. In transaction Bundles the entries point at each other through `urn:uuid:` fullUrls;
 those references are rewritten to `Type/id`, so `subject.reference` reads `Patient/<id>` as it
-would on a server. Bad files and lines are skipped with a warning (never their content).
+would on a server. Bad files and lines are skipped with a warning (never content nor names).
 
 `full_urls` are relative `Type/id` references: there is no server URL to give, and the API knows
 its own public base. Searches honour the standard filters the pipeline passes upstream (patient,
@@ -101,25 +101,29 @@ class FhirFileSource(FhirSource):
             try:
                 data = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError):
-                log.warning("skipping %s: not readable JSON", file)
-                self._skipped["files"] += 1
+                self._skip(file, "not readable JSON")
                 continue
             if isinstance(data, dict) and data.get("resourceType") == "Bundle":
                 self._add_bundle(data, file)
             elif not self._add(data):
-                log.warning("skipping %s: not a FHIR resource with resourceType and id", file)
-                self._skipped["files"] += 1
+                self._skip(file, "not a FHIR resource with resourceType and id")
         counts = ", ".join(f"{t} {len(r)}" for t, r in sorted(self._resources.items()))
         log.info("loaded %d FHIR resources from %d files under %s (%s); skipped: %s",
                  self.count(), len(files), self.path, counts or "none",
                  dict(self._skipped) or "nothing")
 
+    def _skip(self, file: Path, why: str, kind: str = "files", count: int = 1) -> None:
+        """Count and log a skip; the file is named at DEBUG only (Synthea names them after
+        patients)."""
+        log.warning("skipped part of a data file: %s (its name is logged at DEBUG)", why)
+        log.debug("skipped file: %s", file)
+        self._skipped[kind] += count
+
     def _load_ndjson(self, file: Path) -> None:
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
-            log.warning("skipping %s: not readable UTF-8", file)
-            self._skipped["files"] += 1
+            self._skip(file, "not readable UTF-8")
             return
         for number, line in enumerate(lines, start=1):
             try:
@@ -127,8 +131,7 @@ class FhirFileSource(FhirSource):
             except ValueError:
                 added = False
             if not added:
-                log.warning("skipping line %d of %s: not a FHIR resource", number, file)
-                self._skipped["lines"] += 1
+                self._skip(file, f"line {number} is not a FHIR resource", "lines")
 
     def _add_bundle(self, bundle: Resource, file: Path) -> None:
         entries = [e for e in bundle.get("entry") or []
@@ -146,8 +149,8 @@ class FhirFileSource(FhirSource):
             _resolve_references(entry["resource"], targets)
         skipped = len(bundle.get("entry") or []) - sum(self._add(e["resource"]) for e in entries)
         if skipped:
-            log.warning("%s: skipped %d Bundle entries without a resource/id", file, skipped)
-            self._skipped["bundle entries"] += skipped
+            self._skip(file, f"{skipped} Bundle entries without a resource/id", "bundle entries",
+                       skipped)
 
     def _add(self, resource: Any) -> bool:
         """Store one resource; False when it has no resourceType/id. Duplicates: first wins."""
@@ -219,11 +222,10 @@ class FhirFileSource(FhirSource):
         try:
             data = base64.b64decode(binary.get("data") or "")
         except ValueError:
-            log.warning("Binary/%s: data is not valid base64; skipped", rid)
+            log.warning("a Binary's data is not valid base64; skipped")
             return None
         if len(data) > self.max_attachment_bytes:
-            log.warning("Binary/%s is larger than max_attachment_bytes=%d; skipped", rid,
-                        self.max_attachment_bytes)
+            log.warning("a Binary is over max_attachment_bytes=%d; skipped", self.max_attachment_bytes)
             return None
         return str(binary.get("contentType") or "application/octet-stream"), data
 

@@ -209,8 +209,8 @@ def _safe_flatten(resource: Any, loader: AttachmentLoader | None) -> str:
     try:
         return _flatten(resource, loader)
     except Exception as exc:  # noqa: BLE001 - never fail a search on one odd resource
-        log.warning("flatten of %s/%s failed (%s); using a generic walk", resource.get("resourceType"),
-                    resource.get("id"), type(exc).__name__)
+        log.warning("flatten of a %s failed (%s); using a generic walk",
+                    str(resource.get("resourceType"))[:40], type(exc).__name__)
         try:
             return f"{scalar_text(resource.get('resourceType'))}\n{generic_text(resource)}".strip()
         except Exception:  # noqa: BLE001
@@ -327,8 +327,8 @@ def validation_outcome(documents: list[Document]) -> Outcome | None:
                            lambda doc=doc: validation_problems(doc.resource))
         if problems:
             lenient.append(doc.id)
-            log.info("%s is not valid FHIR R4B at %s; flattened leniently", doc.id,
-                     ", ".join(sorted(set(problems))[:10]))
+            log.debug("%s is not valid FHIR R4B at %s; flattened leniently", doc.id,
+                      ", ".join(sorted(set(problems))[:10]))
     if not lenient:
         return None
     shown = ", ".join(lenient[:10]) + (f" and {len(lenient) - 10} more" if len(lenient) > 10 else "")
