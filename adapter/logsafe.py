@@ -1,14 +1,28 @@
-"""Keeping patient data out of log lines: URL paths are logged without their query string,
-with patient ids masked (`/fhir/Patient/123/$rerank` → `/fhir/Patient/*/$rerank`) and job
-ids masked (`/fhir/_async/<id>` → `/fhir/_async/*`: a job id is the capability to read it)."""
+"""Keeping patient data out of log lines: a URL path is logged without its query string and
+with every segment that could name a patient or a job masked — ids after a resource type
+(`/fhir/Patient/123/$rerank` → `/fhir/Patient/*/$rerank`, `/fhir/Condition/abc` →
+`/fhir/Condition/*`), job ids (`/fhir/_async/*`: an id is the capability to read the job)
+and, under this API's `/fhir`, any segment that is not a known name (`/fhir/*`)."""
 from __future__ import annotations
 
-import re
+from adapter.models import RESOURCE_TYPES
 
-_PATIENT_IN_PATH = re.compile(r"(/Patient/)[^/?]+")
-_JOB_IN_PATH = re.compile(r"(/_async/)[^/?]+")
+_KNOWN = frozenset({*RESOURCE_TYPES, "Patient", "Binary", "OperationDefinition", "metadata",
+                    "_async", "_history", "_search", "rerank", "$rerank", "healthz", "readyz",
+                    "metrics"})
+_ID_FOLLOWS = frozenset({*RESOURCE_TYPES, "Patient", "Binary", "_async", "_history"})
 
 
 def redact_path(path: str) -> str:
-    path = path.split("?", 1)[0]
-    return _JOB_IN_PATH.sub(r"\1*", _PATIENT_IN_PATH.sub(r"\1*", path))
+    segments = path.split("?", 1)[0].split("/")
+    api = len(segments) > 1 and segments[1] == "fhir"
+    out: list[str] = []
+    for index, segment in enumerate(segments):
+        previous = segments[index - 1] if index else ""
+        if previous in _ID_FOLLOWS and segment:
+            out.append("*")
+        elif api and index > 1 and segment and segment not in _KNOWN:
+            out.append("*")
+        else:
+            out.append(segment)
+    return "/".join(out)

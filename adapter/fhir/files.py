@@ -113,8 +113,7 @@ class FhirFileSource(FhirSource):
                  dict(self._skipped) or "nothing")
 
     def _skip(self, file: Path, why: str, kind: str = "files", count: int = 1) -> None:
-        """Count and log a skip; the file is named at DEBUG only (Synthea names them after
-        patients)."""
+        """Count and log a skip; the file is named at DEBUG only (named after patients)."""
         log.warning("skipped part of a data file: %s (its name is logged at DEBUG)", why)
         log.debug("skipped file: %s", file)
         self._skipped[kind] += count
@@ -149,8 +148,7 @@ class FhirFileSource(FhirSource):
             _resolve_references(entry["resource"], targets)
         skipped = len(bundle.get("entry") or []) - sum(self._add(e["resource"]) for e in entries)
         if skipped:
-            self._skip(file, f"{skipped} Bundle entries without a resource/id", "bundle entries",
-                       skipped)
+            self._skip(file, f"{skipped} Bundle entries without id", "bundle entries", skipped)
 
     def _add(self, resource: Any) -> bool:
         """Store one resource; False when it has no resourceType/id. Duplicates: first wins."""
