@@ -82,3 +82,53 @@ def test_attachments_are_fetched_concurrently_within_the_deadline(fhir, hanging_
     started = time.monotonic()
     resp = client.get(f"/fhir/DocumentReference?patient={pid}&_content=note")
     assert resp.status_code == 200 and time.monotonic() - started < 2.5
+
+
+def _poll(client, path, headers=None, timeout=30.0):
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = client.get(path, headers=headers or {})
+        if resp.status_code != 202:
+            return resp, seen
+        seen.append(resp.headers["X-Progress"])
+        time.sleep(0.05)
+    raise AssertionError(f"still running: {seen[-3:]}")
+
+
+def test_respond_async_answers_before_the_upstream_does(fhir):
+    """The whole search is the job: the 202 comes at once while the upstream takes 3 s, and
+    X-Progress names the stage; an upstream refusal becomes the job's answer."""
+    client = client_for(fhir, fhir_timeout=10, upstream_deadline=20)
+    fhir.inject_fault(delay=3, times=1, path_contains="Condition")
+    url = f"/fhir/Condition?patient={BIG}&_content=diabetes"
+    started = time.monotonic()
+    resp = client.get(url, headers={"Prefer": "respond-async"})
+    assert resp.status_code == 202 and time.monotonic() - started < 1.0
+    assert resp.headers["X-Progress"] == "fetching"
+    path = resp.headers["Content-Location"].removeprefix("http://localhost")
+    done, seen = _poll(client, path)
+    assert done.status_code == 200 and done.get_json()["total"] > 0
+    assert "fetching" in seen and time.monotonic() - started >= 3
+
+    fhir.set_auth(token="Bearer right")
+    resp = client.get(url, headers={"Prefer": "respond-async", "Authorization": "Bearer wrong"})
+    assert resp.status_code == 202
+    failed, _ = _poll(client, resp.headers["Content-Location"].removeprefix("http://localhost"),
+                      headers={"Authorization": "Bearer wrong"})
+    assert failed.status_code == 401 and failed.get_json()["issue"][0]["code"] == "security"
+
+
+def test_finished_unpolled_jobs_are_bounded_in_memory(fhir):
+    client = client_for(fhir, max_finished_jobs=2)
+    jobs = client.application.extensions["fhir_rerank"].jobs
+    paths = []
+    for word in ("diabetes", "asthma", "fracture"):
+        resp = client.get(f"/fhir/Condition?patient={BIG}&_content={word}",
+                          headers={"Prefer": "respond-async"})
+        path = resp.headers["Content-Location"].removeprefix("http://localhost")
+        assert jobs.wait(path.rsplit("/", 1)[1], "anonymous", 30).finished
+        paths.append(path)
+    client.get(f"/fhir/Condition?patient={BIG}&_content=cough", headers={"Prefer": "respond-async"})
+    assert client.get(paths[0]).status_code == 404  # the oldest unpolled one was dropped
+    assert [client.get(p).status_code for p in paths[1:]] == [200, 200]

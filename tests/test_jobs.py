@@ -229,7 +229,12 @@ def test_key_mismatch_fails_at_once_without_retries(settings, workers):
     assert failed.status_code == 503, failed.get_data(as_text=True)[:300]
     assert "FHIR_RERANK_PAYLOAD_KEY" in failed.get_json()["issue"][0]["diagnostics"]
     job_id = path.rsplit("/", 1)[1]
-    assert f"job {job_ref(job_id)[:12]}: transient" not in workers["default"].log()
+    text = workers["default"].log()
+    assert f"job {job_ref(job_id)[:12]}: transient" not in text
+    # The worker reports the job as failed, not as a task that "succeeded".
+    assert f"job {job_ref(job_id)[:12]} failed: 503 transient (PayloadKeyError)" in text
+    assert not [line for line in text.splitlines()
+                if job_ref(job_id) in line and "succeeded" in line]
 
 
 def test_sigkilled_worker_job_completes_once_encrypted(celery_workers, redis_server,
