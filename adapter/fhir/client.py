@@ -1,16 +1,17 @@
 """The REST FHIR source: searches a live FHIR R4 server with requests.
 
 Every request carries a timeout, `Accept: application/fhir+json`, a User-Agent and the caller's
-Authorization header (passed through unchanged, never logged). Connection errors, 429 and 5xx
-are retried with exponential backoff; each failure that remains becomes a named error from
-adapter.errors whose message names the upstream status, the URL path (never the query: it may
-carry patient ids) and the fix. Paging follows `next` links on the same host only, up to
-`max_pages`, and re-runs a search once when HAPI's paging cache expires (410 Gone).
+Authorization header (passed through unchanged, never logged, sent only to URLs under the FHIR
+base). Connection errors, 429 and 5xx are retried with exponential backoff, read timeouts are
+not; each failure that remains becomes a named error (adapter.fhir.responses) whose message
+names the upstream status, the URL path (never the query: it may carry patient ids) and the
+fix. The search's `upstream_deadline` (adapter.fhir.deadline) cuts every timeout and backoff.
+Paging follows `next` links under the FHIR base only, up to `max_pages`, and re-runs a search
+once when HAPI's paging cache expires (410 Gone).
 """
 from __future__ import annotations
 
 import base64
-import email.utils
 import json
 import logging
 import time
@@ -20,9 +21,10 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import requests
 
-from adapter.errors import (BadRequest, UpstreamAuthError, UpstreamError, UpstreamGone,
-                            UpstreamNotFound, UpstreamThrottled, UpstreamTimeout)
+from adapter.errors import (BadRequest, UpstreamError, UpstreamGone, UpstreamNotFound,
+                            UpstreamTimeout)
 from adapter.fhir.deadline import expired_error, remaining, submit_in_context
+from adapter.fhir.responses import outcome_warnings, parse_retry_after, raise_for_status
 from adapter.fhir.source import FhirSource
 from adapter.logsafe import redact_path
 from adapter.models import FetchResult, Outcome
@@ -139,7 +141,7 @@ class FhirRestSource(FhirSource):
                 problem = type(exc).__name__
             else:
                 if last or response.status_code not in RETRY_STATUSES:
-                    _raise_for_status(response, path, attempts)
+                    raise_for_status(response, path, attempts)
                     return response
                 problem = str(response.status_code)
                 retry_after = response.headers.get("Retry-After")
@@ -151,7 +153,7 @@ class FhirRestSource(FhirSource):
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff * (2 ** attempt)
-        hinted = _parse_retry_after(retry_after)
+        hinted = parse_retry_after(retry_after)
         if hinted is not None:
             delay = max(delay, min(hinted, self.retry_after_cap))
         left = remaining()
@@ -240,7 +242,7 @@ class FhirRestSource(FhirSource):
             mode = search.get("mode") if isinstance(search, dict) else None
             rtype = resource["resourceType"]
             if rtype == "OperationOutcome" or mode == "outcome":
-                result.outcomes.extend(_outcome_warnings(resource))
+                result.outcomes.extend(outcome_warnings(resource))
                 continue
             if rtype != resource_type:  # _include'd or stray resources are not matches
                 log.debug("skipping a %s entry in a %s search", rtype, resource_type)
@@ -353,77 +355,7 @@ def _read_capped(response: requests.Response, cap: int) -> bytes | None:
     return bytes(body)
 
 
-def _raise_for_status(response: requests.Response, path: str, attempts: int) -> None:
-    """Raise the named Upstream error for a non-2xx status (after retries)."""
-    status = response.status_code
-    if status < 300:
-        return
-    if status in (400, 422):
-        detail = _outcome_diagnostics(response) or "no diagnostics given"
-        raise BadRequest(f"the FHIR server refused GET {path} ({status}): {detail}; change or "
-                         "remove the search parameter it names")
-    if status in (401, 403):
-        headers = {k: v for k, v in response.headers.items() if k.lower() == "www-authenticate"}
-        what = "missing or expired credentials" if status == 401 else "access refused"
-        raise UpstreamAuthError(f"the FHIR server answered {status} ({what}) for GET {path}; "
-                                "send a valid Authorization header", status=status, headers=headers)
-    if status == 404:
-        raise UpstreamNotFound(f"the FHIR server answered 404 for GET {path}; check the "
-                               "resource type, id and fhir_base_url")
-    if status == 410:
-        raise UpstreamGone(f"the FHIR server answered 410 Gone for GET {path}")
-    if status == 429:
-        headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
-        raise UpstreamThrottled(f"the FHIR server is throttling requests (429 for GET {path} "
-                                f"after {attempts} attempts); try again later", headers=headers)
-    if status >= 500:
-        raise UpstreamError(f"the FHIR server answered {status} for GET {path} after {attempts} "
-                            "attempts; it may be down or overloaded, try again later")
-    raise UpstreamError(f"the FHIR server answered {status} for GET {path}; check "
-                        "fhir_base_url (it must be the final FHIR base, without redirects)")
-
-
 def _next_link(bundle: dict[str, Any]) -> str | None:
     links = bundle.get("link") if isinstance(bundle.get("link"), list) else []
     return next((link["url"] for link in links if isinstance(link, dict)
                  and link.get("relation") == "next" and isinstance(link.get("url"), str)), None)
-
-
-def _issue_texts(outcome: Any) -> list[tuple[str, str]]:
-    """(code, text) of each issue of an OperationOutcome (empty for anything else)."""
-    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
-        return []
-    issues = outcome.get("issue") if isinstance(outcome.get("issue"), list) else []
-    found = []
-    for issue in (i for i in issues if isinstance(i, dict)):
-        details = issue.get("details")
-        text = issue.get("diagnostics") or (details.get("text") if isinstance(details, dict)
-                                            else "")
-        found.append((str(issue.get("code") or "informational"), str(text or "(no text)")))
-    return found
-
-
-def _outcome_warnings(resource: dict[str, Any]) -> list[Outcome]:
-    """An upstream OperationOutcome entry as warning Outcomes (one per issue)."""
-    return [Outcome("warning", code, "FHIR server: " + text)
-            for code, text in _issue_texts(resource)] or \
-        [Outcome("warning", "informational", "the FHIR server sent an OperationOutcome entry")]
-
-
-def _outcome_diagnostics(response: requests.Response) -> str:
-    """The diagnostics of an OperationOutcome error body, joined; '' when there are none."""
-    try:
-        return "; ".join(text for _, text in _issue_texts(response.json()))
-    except ValueError:
-        return ""
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    value = (value or "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
