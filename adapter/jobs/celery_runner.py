@@ -91,6 +91,8 @@ class CeleryJobRunner(JobRunner):
 
     def _fail(self, job_id: str, error: dict[str, Any]) -> None:
         key = job_key(job_ref(job_id))
+        if not self.records.exists(key):
+            return  # cancelled while it was being prepared
         with self.records.pipeline() as pipe:
             pipe.hset(key, mapping={"error": json.dumps(error), "finished": "1", "stage": ""})
             pipe.expire(key, self.settings.result_expires)
