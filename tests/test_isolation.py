@@ -71,8 +71,10 @@ def _score_of(bundle: dict, doc: str) -> float:
 
 def test_attachment_text_is_never_shared_across_callers(fhir, secret_record):
     pid, doc = secret_record
+    # keyword order lists every candidate (score 0 without the word), so each is compared
     client = create_app(load_settings({"reranker": "none", "fhir_base_url": fhir.base_url,
-                                       "fhir_retries": 0}, env={})).test_client()
+                                       "fhir_retries": 0, "keyword_list_unmatched": True},
+                                      env={})).test_client()
     # Each caller alone, caches empty: the reference answers.
     _clear_caches()
     alone = {"alice": _search(client, pid, ALICE)}
