@@ -125,9 +125,12 @@ def prefetch_attachments(source: FhirSource, authorization: str | None, caller: 
                          ) -> Callable[[str], tuple[str, bytes] | None]:
     """Fetch, concurrently and within the search's deadline, the attachments (by URL) of the
     resources whose text this caller has not cached; the loader flatten then reads from."""
-    urls = list(dict.fromkeys(url for resource, full_url in resources
-                              if cached_text(resource, full_url, caller) is None
-                              for url in attachment_urls(resource)))
+    wanted: list[str] = []
+    for resource, full_url in resources:
+        found = attachment_urls(resource)  # most resources have none: skip the cache lookup
+        if found and cached_text(resource, full_url, caller) is None:
+            wanted.extend(found)
+    urls = list(dict.fromkeys(wanted))
     fetched: dict[str, tuple[str, bytes] | None] = {}
     if urls:
         with ThreadPoolExecutor(max_workers=min(ATTACHMENT_FETCHES, len(urls)),

@@ -272,3 +272,22 @@ def test_flatten_documents_skips_missing_ids_and_repeats() -> None:
     assert [d.id for d in docs] == ["Observation/f001"]
     assert [o.code for o in outcomes] == ["incomplete", "duplicate", "not-supported"]
     assert "an Observation without an id" in outcomes[0].diagnostics
+
+
+def test_resources_without_meta_are_cached_by_content() -> None:
+    """File sources and servers without meta: the same content is flattened once; a changed
+    resource under the same id gets its own text, never the old one."""
+    from adapter.fhir.flatten import FLATTEN_CACHE
+
+    FLATTEN_CACHE.clear()
+    cond = {"resourceType": "Condition", "id": "nometa-1",
+            "code": {"text": "Chronic sinusitis"}, "subject": {"reference": "Patient/p"}}
+    first, _ = flatten_documents([cond], validate=False)
+    cached = len(FLATTEN_CACHE)
+    assert cached >= 1
+    again, _ = flatten_documents([json.loads(json.dumps(cond))], validate=False)
+    assert len(FLATTEN_CACHE) == cached and again[0].text == first[0].text
+    changed = dict(cond, code={"text": "Acute bronchitis"})
+    third, _ = flatten_documents([changed], validate=False)
+    assert "bronchitis" in third[0].text.lower() and "sinusitis" not in third[0].text.lower()
+    assert len(FLATTEN_CACHE) == cached + 1

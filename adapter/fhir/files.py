@@ -14,7 +14,7 @@ other parameter is ignored with a warning Outcome, and the API decides how stric
 from __future__ import annotations
 
 import base64
-import copy
+import pickle
 import json
 import logging
 import re
@@ -195,7 +195,7 @@ class FhirFileSource(FhirSource):
             del matches[limit:]
             outcomes.append(limit_outcome(limit))
         log.debug("file search %s: %d matches", resource_type, len(matches))
-        return FetchResult(copy.deepcopy(matches), outcomes,
+        return FetchResult(_copy(matches), outcomes,
                            [f"{resource_type}/{r['id']}" for r in matches])
 
     def _patient_predicate(self, resource_type: str, value: str) -> Predicate:
@@ -230,7 +230,7 @@ class FhirFileSource(FhirSource):
     def read(self, resource_type: str, resource_id: str) -> Resource | None:
         """A copy of one loaded resource, or None."""
         found = self._resources.get(resource_type, {}).get(resource_id)
-        return copy.deepcopy(found) if found is not None else None
+        return _copy(found) if found is not None else None
 
     def patients(self) -> list[str]:
         """Ids of the loaded Patients, those with the most clinical resources first (then id)."""
@@ -397,3 +397,9 @@ def _parse_date_test(value: str) -> Callable[[tuple[datetime, datetime]], bool]:
                 "ge": within or end > hi, "le": within or start < lo,
                 "sa": start >= hi, "eb": end <= lo}[prefix]
     return test
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of loaded JSON data, so callers may change what they get: a pickle round
+    trip gives the same result as `copy.deepcopy` on JSON types at a fraction of its cost."""
+    return pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))

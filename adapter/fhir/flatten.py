@@ -14,6 +14,8 @@ Text layout (a reranker reads the start first; long attachment text goes last):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any, Callable
 
@@ -225,7 +227,7 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
 
 #: Flattened text, and R4B problems, per resource *version*: a FHIR server gives a changed
 #: resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
-#: Resources without either are never cached. Size: settings.doc_cache_size.
+#: Resources without either are keyed by a digest of their content. Size: settings.doc_cache_size.
 #: Text that needed an attachment fetched by URL depends on who fetched it (the caller's
 #: credentials may open a Binary another caller may not read, or fail where theirs would
 #: not): it is cached under (version, caller identity), never shared across callers, and
@@ -235,15 +237,24 @@ PROBLEMS_CACHE: LRU[list[str]] = LRU(10000, "validation")
 
 
 def _version_key(resource: dict, full_url: str) -> tuple | None:
+    """What identifies this resource version for the caches: its `meta.versionId` /
+    `meta.lastUpdated` when the server gives them, else a digest of its content (files and
+    servers without meta: the same content always flattens to the same text). None when the
+    resource cannot be serialised (not a JSON document)."""
     meta = resource.get("meta")
-    if not isinstance(meta, dict):
+    version = updated = None
+    if isinstance(meta, dict):
+        version, updated = meta.get("versionId"), meta.get("lastUpdated")
+    if (version or updated) and isinstance(version, (str, type(None))) \
+            and isinstance(updated, (str, type(None))):
+        return (full_url, resource.get("resourceType"), resource.get("id"), version, updated)
+    try:  # no usable meta (absent, or malformed such as a list): the content is the version
+        canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+    except (TypeError, ValueError):
         return None
-    version, updated = meta.get("versionId"), meta.get("lastUpdated")
-    if not version and not updated:
-        return None
-    if not isinstance(version, (str, type(None))) or not isinstance(updated, (str, type(None))):
-        return None  # malformed upstream meta (e.g. a list): not a version, and unhashable
-    return (full_url, resource.get("resourceType"), resource.get("id"), version, updated)
+    digest = hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16)
+    return (full_url, "content", digest.hexdigest())
 
 
 def _cached(cache: LRU, key: tuple | None, compute: Callable[[], Any]) -> Any:
