@@ -5,8 +5,8 @@ Each probe returns a `Check` and never raises; each is bounded by `readyz_timeou
 - fhir: the FHIR server answers `GET [base]/metadata` (any status below 500), or the file
   source holds resources;
 - redis: `PING` answers (only when `redis_url` is set);
-- workers: a Celery worker consumes the queue of every model in `models_allowed` (Celery's
-  `inspect().active_queues()`);
+- workers: a live Celery worker consumes the queue of every model in `models_allowed` (the
+  workers' heartbeats in Redis, `adapter.jobs.live_workers`);
 - models: in-process mode only: the reranker of every allowed model is loaded.
 """
 from __future__ import annotations
@@ -77,16 +77,16 @@ def expected_queues(settings: Settings) -> dict[str, list[str]]:
     return queues
 
 
-def probe_workers(settings: Settings, celery_app: Any) -> Check:
-    """Every allowed model's queue has a consuming worker (names the command when not)."""
+def probe_workers(settings: Settings) -> Check:
+    """Every allowed model's queue has a live worker (names the command when not). Reads the
+    workers' own heartbeats in Redis (`adapter.jobs.live_workers`), the same view that turns
+    a job for an unconsumed queue into a 503, so readiness and job submission agree."""
+    from adapter.jobs import live_workers
+
     try:
-        replies = celery_app.control.inspect(timeout=settings.readyz_timeout).active_queues()
-    except Exception as exc:  # broker down: kombu/redis errors of several kinds
+        consumers = live_workers(settings, cached=False)
+    except Exception as exc:  # broker down: redis errors of several kinds
         return Check("workers", False, f"could not ask the workers ({type(exc).__name__})")
-    consumers: dict[str, int] = {}
-    for queues in (replies or {}).values():
-        for queue in queues or []:
-            consumers[queue.get("name", "")] = consumers.get(queue.get("name", ""), 0) + 1
     missing = [(q, models) for q, models in expected_queues(settings).items()
                if not consumers.get(q)]
     if missing:
@@ -118,7 +118,7 @@ def readiness(settings: Settings, source: Any, jobs: Any) -> list[Check]:
     checks = [probe_source(source, settings.readyz_timeout)]
     if settings.redis_url:
         checks.append(probe_redis(settings))
-        checks.append(probe_workers(settings, jobs.app) if checks[-1].ok else
+        checks.append(probe_workers(settings) if checks[-1].ok else
                       Check("workers", False, "unknown: Redis is unreachable"))
     else:
         checks.append(probe_models(settings))

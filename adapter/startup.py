@@ -41,11 +41,5 @@ def report_dependencies(settings: Settings) -> None:
           "" if check.ok else "; jobs answer 503 until it is reachable")
     if not check.ok:
         return
-    from adapter.jobs.app import make_celery
-
-    celery_app = make_celery(settings, set_as_current=False)
-    try:
-        check = probe_workers(settings, celery_app)
-    finally:
-        celery_app.close()
+    check = probe_workers(settings)
     _line(check.ok, "workers: %s", check.detail)
