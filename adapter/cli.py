@@ -131,8 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from adapter.rerank.tiny import make_tiny_model
 
-    path = make_tiny_model(args.out_dir, seed=args.seed, tie_word_embeddings=not args.untied)
-    log.info("wrote a tiny random-weight Qwen3 reranker to %s", path)
+    path = make_tiny_model(args.out_dir, seed=args.seed, tie_word_embeddings=not args.untied,
+                           kind=args.kind)
+    log.info("wrote a tiny random-weight Qwen3 %s to %s", args.kind, path)
     return 0
 
 
@@ -179,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     tiny = sub.add_parser("make-tiny-model",
-                          help="write a tiny random-weight Qwen3 reranker (smoke tests)")
+                          help="write a tiny random-weight Qwen3 reranker or embedding model (smoke tests)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--untied", action="store_true", help="untied lm_head, like the 8B")
+    tiny.add_argument("--kind", choices=["reranker", "embedding"], default="reranker",
+                      help="reranker (Qwen3-Reranker-like) or embedding (Qwen3-Embedding-like)")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     from adapter.interop.command import add_interop_command

@@ -81,6 +81,13 @@ class Settings:
     prepare_workers: int = 4
     max_finished_jobs: int = 256
     upstream_deadline: float = 60.0
+    # --- first stage: dense recall, time budget (issue 11: dense) ---
+    embedder: str = ""
+    embedder_instruction: str = ("Given a clinician's question about a patient, retrieve the "
+                                 "parts of the patient's record that answer it")
+    embedder_max_length: int = 8192
+    rrf_k: int = 60
+    rerank_budget_s: float = 0.0
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES

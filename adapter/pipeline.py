@@ -28,7 +28,8 @@ from adapter.lru import LRU
 from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker, ScoreReport
-from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE, recall_matches
+from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
+from adapter.search.hybrid import DOC_VECTOR_CACHE, first_stage
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def apply_cache_size(entries: int) -> None:
     TOKEN_CACHE.resize(entries)
     INDEX_CACHE.resize(32 if entries > 0 else 0)
     SCORE_CACHE.resize(256 if entries > 0 else 0)
+    DOC_VECTOR_CACHE.resize(entries)
 
 
 def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
@@ -164,7 +166,9 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"
     with timed_stage("recall"):
-        candidates, matched = recall_matches(request.query, documents, request.recall)
+        candidates, matched, recall_outcomes = first_stage(request.query, documents,
+                                                           request.recall, settings)
+    outcomes.extend(recall_outcomes)
     lenient = validation_outcome([d for d, _, _ in candidates])  # R4B check, candidates only
     if lenient:
         outcomes.append(lenient)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["tiny_model_dir", "tiny_model_dir_untied", "tiny_checkpoint"]
+__all__ = ["tiny_model_dir", "tiny_model_dir_untied", "tiny_checkpoint", "tiny_embedding_dir",
+           "tiny_embedding_checkpoint"]
 
 CACHE_ROOT = Path(__file__).resolve().parent / ".tiny-model"
 #: bump when adapter.rerank.tiny changes what it writes
@@ -36,6 +37,29 @@ def tiny_checkpoint(tied: bool = True, seed: int = 0) -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tiny_embedding_checkpoint(seed: int = 0) -> Path:
+    """The cached tiny Qwen3-Embedding-like checkpoint, written atomically on first use."""
+    from adapter.rerank.tiny import make_tiny_model
+
+    target = CACHE_ROOT / f"{LAYOUT_VERSION}-embedding-seed{seed}"
+    if all((target / name).exists() for name in _FILES):
+        return target
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="writing-", dir=CACHE_ROOT))
+    make_tiny_model(staging, seed=seed, kind="embedding")
+    try:
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_dir() -> Path:
+    """A tiny random Qwen3-Embedding-like checkpoint (float32, real tokenizer)."""
+    return tiny_embedding_checkpoint()
 
 
 @pytest.fixture(scope="session")

@@ -167,12 +167,18 @@ def _centre_yes_no(config: Qwen3Config, state: dict[str, torch.Tensor],
     state[head][_NO_ID] = state[head][_YES_ID] - diff
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
+def make_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bool = True,
+                    kind: str = "reranker") -> Path:
     """Write a tiny random Qwen3 reranker checkpoint (config, safetensors, tokenizer) to `out_dir`.
 
     Loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` exactly
     like a `Qwen/Qwen3-Reranker-*` directory. Deterministic for a seed; ~5 MB (tied) of bf16.
+    `kind="embedding"` writes a Qwen3-Embedding-like checkpoint instead (`make_tiny_embedding`).
     """
+    if kind == "embedding":
+        return make_tiny_embedding(out_dir, seed=seed)
+    if kind != "reranker":
+        raise ValueError(f"kind {kind!r} is not one of reranker, embedding")
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -188,4 +194,55 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: boo
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}))
     logger.info("wrote a tiny Qwen3 reranker (seed %d, %s head) to %s", seed,
                 "tied" if tie_word_embeddings else "untied", out)
+    return out
+
+
+def _embedding_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen3 tokenizer as the Qwen3-Embedding checkpoints ship it: every encoded text ends
+    with `<|endoftext|>` (a TemplateProcessing post-processor, kept within max_length)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(build_qwen_tokenizer())
+    eos = [("<|endoftext|>", FIRST_ADDED_ID)]
+    template = processors.TemplateProcessing(
+        single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=eos)
+    current = tok.backend_tokenizer.post_processor
+    tok.backend_tokenizer.post_processor = (processors.Sequence([current, template])
+                                            if current is not None else template)
+    return tok
+
+
+def make_tiny_embedding(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen3-Embedding checkpoint to `out_dir`: a `Qwen3Model` (no head;
+    weights named like the released ones, without a `model.` prefix) in float32, and the
+    real tokenizer with the embedding models' end-of-text post-processor. Loads with
+    `AutoModel.from_pretrained` / `AutoTokenizer.from_pretrained` like `Qwen/Qwen3-Embedding-*`.
+    """
+    from safetensors.torch import save_file
+    from transformers import Qwen3Model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = tiny_qwen3_config(tie_word_embeddings=True)
+    config.dtype = "float32"
+    config.save_pretrained(out)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Qwen3Model(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name.endswith("embed_tokens.weight"):
+            state[name] = torch.randn(shape, generator=gen)
+        else:
+            state[name] = torch.randn(shape, generator=gen) * (1.5 / shape[-1] ** 0.5)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    _embedding_tokenizer().save_pretrained(out)
+    logger.info("wrote a tiny Qwen3 embedding model (seed %d) to %s", seed, out)
     return out

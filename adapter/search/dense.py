@@ -1,0 +1,179 @@
+"""Qwen3-Embedding through transformers: the model card's embeddings, computed in batches.
+
+The maths is the official recipe: a query is embedded as "Instruct: {task}\\nQuery:{query}",
+a document as its plain text; the checkpoint's own tokenizer adds what it adds (the released
+Qwen3-Embedding tokenizers append `<|endoftext|>`), truncating to `max_length`; the vector is
+the last hidden state at the last real token ("last-token pooling"), L2-normalised in float32,
+so cosine similarity is a dot product. What changes is only how it is computed: texts are
+sorted by length and packed into right-padded batches under a padded-token budget, each row
+reading its own last real position (the card pads on the left and reads position −1; RoPE is
+relative and padding is masked, so both give the same vectors).
+
+Models load once per process (keyed by checkpoint, device and dtype) with transformers' real
+classes (`AutoModel` → `Qwen3Model`), like the reranker. Document vectors are cached per
+resource version (`adapter.search.hybrid.DOC_VECTOR_CACHE`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from adapter.errors import ModelLoadError
+from adapter.fhir.flatten import _version_key
+from adapter.models import Document
+from adapter.search.hybrid import DOC_VECTOR_CACHE
+from adapter.rerank.qwen3 import _attn_implementation, _hub_offline, pack_by_tokens
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_TIERS = {"0.6B": "Qwen/Qwen3-Embedding-0.6B", "4B": "Qwen/Qwen3-Embedding-4B",
+                   "8B": "Qwen/Qwen3-Embedding-8B"}
+QUERY_FORMAT = "Instruct: {task}\nQuery:{query}"
+DEFAULT_TASK = ("Given a clinician's question about a patient, retrieve the parts of the "
+                "patient's record that answer it")
+
+
+def resolve_embedding_id(name: str) -> str:
+    """Tier alias (`0.6B`, `4B`, `8B`, any case) → Hugging Face id; ids and paths pass through."""
+    text = name.strip()
+    return EMBEDDING_TIERS.get(text.upper(), text)
+
+
+@dataclass
+class LoadedEmbedder:
+    """A Qwen3Model + tokenizer pair, loaded once per process."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    model_id: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_loaded: dict[tuple[str, str, str], LoadedEmbedder] = {}
+_load_lock = threading.Lock()
+
+
+def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
+    if Path(model_id).expanduser().exists():
+        tried = f"local directory {model_id!r}"
+    elif model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
+        tried, reason = f"local directory {model_id!r}", "no such directory"
+    else:
+        tried = f"Hugging Face id {model_id!r} (HF_HUB_OFFLINE={'1' if _hub_offline() else '0'})"
+    return ModelLoadError(
+        f"could not load Qwen3-Embedding {name!r}: tried {tried}: {reason}. Fix: download it "
+        f"once with network access, set `embedder` to a local directory holding a "
+        f"Qwen3-Embedding checkpoint, or set embedder = \"\" for keyword recall only.")
+
+
+def load_embedding_model(name: str, device: str, dtype: torch.dtype) -> LoadedEmbedder:
+    """Load (once per process) the Qwen3-Embedding checkpoint `name` onto `device` in `dtype`."""
+    model_id = resolve_embedding_id(name)
+    key = (model_id, device, str(dtype))
+    with _load_lock:
+        if key in _loaded:
+            return _loaded[key]
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        hub = {"local_files_only": True} if _hub_offline() else {}
+        try:
+            config = AutoConfig.from_pretrained(model_id, **hub)
+            if getattr(config, "model_type", "") != "qwen3":
+                raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
+            tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
+            model = AutoModel.from_pretrained(
+                model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
+        except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
+            raise _load_failure(name, model_id, exc) from exc
+        model.to(device).eval()
+        loaded = LoadedEmbedder(model, tokenizer, next(model.parameters()).device, model_id)
+        _loaded[key] = loaded
+        logger.info("loaded Qwen3-Embedding %s on %s (%s)", model_id, device, dtype)
+        return loaded
+
+
+class Qwen3Embedder:
+    """Unit vectors of queries and documents, as the Qwen3-Embedding model card computes them."""
+
+    def __init__(self, loaded: LoadedEmbedder, *, task: str | None = None,
+                 max_length: int = 8192, batch_tokens: int = 16384) -> None:
+        if max_length < 2 or batch_tokens < 1:
+            raise ValueError(f"max_length {max_length} and batch_tokens {batch_tokens} must be "
+                             "positive (max_length at least 2)")
+        self.loaded, self.task = loaded, task or DEFAULT_TASK
+        self.max_length, self.batch_tokens = max_length, batch_tokens
+        #: names this model + settings in cache keys
+        self.cache_id = f"{loaded.model_id}|{loaded.device}|{loaded.model.dtype}|{max_length}"
+
+    def describe(self) -> str:
+        dtype = str(self.loaded.model.dtype).replace("torch.", "")
+        return f"Qwen3-Embedding ({self.loaded.model_id}, {self.loaded.device}, {dtype})"
+
+    def query_text(self, query: str, task: str | None = None) -> str:
+        return QUERY_FORMAT.format(task=task or self.task, query=query)
+
+    def embed_queries(self, queries: Sequence[str], task: str | None = None) -> torch.Tensor:
+        """(n, hidden) float32 unit vectors of instruction-formatted queries."""
+        return self.embed([self.query_text(q, task) for q in queries])
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, hidden) float32 unit vectors of `texts` as given (documents: plain text)."""
+        hidden = self.loaded.model.config.hidden_size
+        if not texts:
+            return torch.zeros((0, hidden), dtype=torch.float32)
+        lm = self.loaded
+        ids = lm.tokenizer(list(texts), padding=False, truncation=True,
+                           max_length=self.max_length, return_attention_mask=False)["input_ids"]
+        out = torch.zeros((len(ids), hidden), dtype=torch.float32)
+        with lm.lock, torch.inference_mode():
+            for batch in pack_by_tokens([max(len(s), 1) for s in ids], self.batch_tokens):
+                out[batch] = self._embed_batch([ids[i] for i in batch])
+        return out
+
+    def _embed_batch(self, seqs: list[list[int]]) -> torch.Tensor:
+        lm = self.loaded
+        pad = lm.tokenizer.pad_token_id or 0
+        seqs = [s or [pad] for s in seqs]  # a tokenizer without EOS can give [] for ""
+        rows, width = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        states = lm.model(input_ids=ids.to(lm.device),
+                          attention_mask=mask.to(lm.device)).last_hidden_state
+        last = torch.tensor([len(s) - 1 for s in seqs], device=lm.device)
+        pooled = states[torch.arange(rows, device=lm.device), last].float()
+        return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu()
+
+    def document_vectors(self, documents: Sequence[Document]) -> torch.Tensor:
+        """(n, hidden) unit vectors of the documents' flattened text, cached per version."""
+        keys = [(self.cache_id, _version_key(d.resource, d.full_url)
+                 or hashlib.sha256(d.text.encode("utf-8")).hexdigest()) for d in documents]
+        vectors: list[torch.Tensor | None] = [DOC_VECTOR_CACHE.get(k) for k in keys]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            fresh = self.embed([documents[i].text for i in missing])
+            for row, i in enumerate(missing):
+                vectors[i] = fresh[row].clone()
+                DOC_VECTOR_CACHE.put(keys[i], vectors[i])
+        logger.debug("dense: %d of %d document vectors from cache", len(documents) - len(missing),
+                     len(documents))
+        hidden = self.loaded.model.config.hidden_size
+        return torch.stack(vectors) if vectors else torch.zeros((0, hidden))  # type: ignore[arg-type]
+
+    def rank(self, query: str, documents: Sequence[Document]) -> list[tuple[int, float]]:
+        """(position in `documents`, cosine) for every document, best first, ties by id."""
+        if not documents:
+            return []
+        cosines = (self.document_vectors(documents) @ self.embed_queries([query])[0]).tolist()
+        order = sorted(range(len(documents)), key=lambda i: (-cosines[i], documents[i].id, i))
+        return [(i, cosines[i]) for i in order]

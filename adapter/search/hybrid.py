@@ -1,0 +1,94 @@
+"""The first stage: BM25, optionally fused with Qwen3-Embedding (dense) recall by RRF.
+
+`first_stage` is the one call `prepare_search` makes. With `embedder = ""` (the default) it is
+BM25 recall exactly as before. With an embedder, every fetched document is ranked twice — by
+BM25 (documents that match at least one query word) and by cosine to the query embedding —
+and the two rankings are fused by reciprocal rank fusion (`adapter.search.fusion`, k =
+`rrf_k`); the `recall` best fused documents are the candidates, in fused order (each keeps its
+BM25 score and "holds a query term" flag, which keyword order and its outcomes use). Dense recall runs in the API process (which already holds the documents), so nothing
+new crosses Redis. An embedder that cannot be loaded is reported once at start-up and as a
+warning in every Bundle; recall is then BM25 only.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from adapter.config import Settings
+from adapter.errors import ModelLoadError
+from adapter.lru import LRU
+from adapter.models import Document, Outcome
+from adapter.search.bm25 import recall_matches
+from adapter.search.fusion import reciprocal_rank_fusion
+
+log = logging.getLogger(__name__)
+
+#: Document vectors (float32 tensors, CPU) per (model, resource version): a changed resource
+#: gets a new meta.versionId / lastUpdated and so a new vector; resources without meta are keyed
+#: by a SHA-256 of their flattened text. 4 KB a vector for 0.6B (1024 dims), 16 KB for 8B.
+#: Size: settings.doc_cache_size. Defined here so importing the pipeline does not load torch.
+DOC_VECTOR_CACHE: LRU = LRU(10000)
+
+_embedders: dict[tuple, object] = {}  # settings key → Qwen3Embedder, or the load error text
+_lock = threading.Lock()
+
+
+def get_embedder(settings: Settings) -> object | None:
+    """The process-wide Qwen3Embedder for the settings, a str saying why it is unavailable,
+    or None when dense recall is off. Loaded (or failed) once; a failure is logged once."""
+    if not settings.embedder.strip():
+        return None
+    key = (settings.embedder, settings.device, settings.dtype, settings.embedder_max_length,
+           settings.batch_tokens, settings.embedder_instruction)
+    with _lock:
+        if key not in _embedders:
+            _embedders[key] = _load(settings)
+        return _embedders[key]
+
+
+def _load(settings: Settings) -> object:
+    from adapter.rerank.qwen3 import pick_device, pick_dtype
+    from adapter.search.dense import Qwen3Embedder, load_embedding_model
+
+    try:
+        device = pick_device(settings.device)
+        loaded = load_embedding_model(settings.embedder, device,
+                                      pick_dtype(settings.dtype, device))
+        embedder = Qwen3Embedder(loaded, task=settings.embedder_instruction or None,
+                                 max_length=settings.embedder_max_length,
+                                 batch_tokens=settings.batch_tokens)
+        embedder.embed(["warm-up"])
+        return embedder
+    except ModelLoadError as exc:
+        log.warning("dense recall off, keyword recall only: %s", exc.message)
+        return exc.message
+
+
+def reset_embedders() -> None:
+    """Forget loaded embedders (tests)."""
+    with _lock:
+        _embedders.clear()
+
+
+def first_stage(query: str, documents: list[Document], k: int, settings: Settings
+                ) -> tuple[list[tuple[Document, float, bool]], int, list[Outcome]]:
+    """The `k` best documents, best first, as (document, BM25 score, holds a query term); the
+    number of documents holding a query term; and any outcome. Like `recall_matches`, whose
+    result this is when dense recall is off."""
+    embedder = get_embedder(settings) if documents else None
+    if embedder is None:
+        return (*recall_matches(query, documents, k), [])
+    if isinstance(embedder, str):
+        return (*recall_matches(query, documents, k), [Outcome(
+            "warning", "processing",
+            f"dense recall is off, candidates are by keywords only: {embedder}")])
+    ranked, matched = recall_matches(query, documents, len(documents))
+    position = {id(d): i for i, d in enumerate(documents)}
+    keyword_ranking = [position[id(d)] for d, _, holds in ranked if holds]
+    dense_ranking = [i for i, _ in embedder.rank(query, documents)]  # type: ignore[attr-defined]
+    fused = reciprocal_rank_fusion([keyword_ranking, dense_ranking], k=settings.rrf_k,
+                                   tiebreak=lambda i: (documents[i].id, i))
+    keyword = {position[id(d)]: (score, holds) for d, score, holds in ranked}
+    log.debug("hybrid recall: %d keyword matches, %d documents fused, %d kept",
+              len(keyword_ranking), len(fused), min(k, len(fused)))
+    return [(documents[i], *keyword[i]) for i, _ in fused[:k]], matched, []
