@@ -46,11 +46,14 @@ class SearchRequest:
     # a list of (name, value) pairs so repeated parameters survive.
     filters: list[tuple[str, str]] = field(default_factory=list)
     authorization: str | None = None  # passed through to the FHIR server, never logged
+    sort: tuple[str, ...] = ("_score",)  # `_sort` keys (adapter.search.ordering)
+    rerank_budget_s: float = 0.0  # seconds of reranking; 0 = `recall` alone decides
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["types"] = list(self.types)
         data["filters"] = [list(f) for f in self.filters]
+        data["sort"] = list(self.sort)
         data.pop("authorization")
         return data
 

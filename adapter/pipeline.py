@@ -29,7 +29,9 @@ from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker, ScoreReport
 from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
+from adapter.search.budget import BUDGET_CACHE, apply_time_budget
 from adapter.search.hybrid import DOC_VECTOR_CACHE, first_stage
+from adapter.search.ordering import DEFAULT_SORT, order_ranked
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ def apply_cache_size(entries: int) -> None:
     INDEX_CACHE.resize(32 if entries > 0 else 0)
     SCORE_CACHE.resize(256 if entries > 0 else 0)
     DOC_VECTOR_CACHE.resize(entries)
+    BUDGET_CACHE.resize(256 if entries > 0 else 0)
 
 
 def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
@@ -180,6 +183,8 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
         "searched": len(documents),
         "matched": matched,
         "list_unmatched": settings.keyword_list_unmatched,
+        "first_stage": ("BM25 + dense (RRF)" if settings.embedder and not recall_outcomes
+                        else "BM25"),
         "outcomes": [o.to_json() for o in outcomes],
     }
 
@@ -198,6 +203,8 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     recall_scores = [c["recall_score"] for c in kept]
     stage = _stage_outcome(payload, req, len(docs), reranker.is_model, fallback)
     outcomes.extend([stage] if stage else [])
+    docs, recall_scores, budget_outcomes = apply_time_budget(req, docs, recall_scores, reranker)
+    outcomes.extend(budget_outcomes)
     scores: list[float] = []
     if docs:
         with timed_stage("rerank"):
@@ -209,7 +216,7 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     elif on_progress:
         on_progress(0, 0)
     ranked = [Scored(d, s, r) for d, s, r in zip(docs, scores, recall_scores)]
-    ranked.sort(key=lambda item: (-item.score, item.document.id))
+    ranked = order_ranked(ranked, req.get("sort") or DEFAULT_SORT)
     return searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,
                      count=req["count"], offset=req["offset"], outcomes=outcomes)
 
@@ -235,7 +242,8 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
             return None  # every resource was reranked: nothing to say
         return Outcome("information", "informational",
                        f"{searched} resources searched, {matched} hold a word of the question; "
-                       f"the {candidates} best by BM25 were reranked (recall={req['recall']}); "
+                       f"the {candidates} best by {payload.get('first_stage', 'BM25')} were reranked "
+                       f"(recall={req['recall']}); "
                        "raise `recall` to rerank more", ("recall",))
     found = (f"{matched} of {searched} resources hold a word of the question (stopwords and "
              "words no record has do not count)")

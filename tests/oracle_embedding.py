@@ -5,6 +5,8 @@ one padded batch, the card's `last_token_pool`) so the oracle test compares two
 implementations, not one.
 """
 # Requires transformers>=4.51.0
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -27,15 +29,22 @@ def get_detailed_instruct(task_description: str, query: str) -> str:
     return f'Instruct: {task_description}\nQuery:{query}'
 
 
+@functools.lru_cache(maxsize=4)
+def load_card_model(model_dir):
+    """The card's two loading lines (float32), cached: loading the tokenizer takes seconds."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side='left')
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return tokenizer, model
+
+
 def card_embeddings(model_dir, queries, documents, task, max_length=8192):
     """The card's script as a function: (query embeddings, document embeddings, scores)."""
     # Each query must come with a one-sentence instruction that describes the task
     queries = [get_detailed_instruct(task, query) for query in queries]
     input_texts = queries + documents
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side='left')
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    tokenizer, model = load_card_model(str(model_dir))
 
     # Tokenize the input texts
     batch_dict = tokenizer(

@@ -13,6 +13,11 @@ OWN_SEARCH_PARAMS = [
     ("recall", "number", "BM25 candidate budget handed to the reranker"),
     ("instruction", "string", "Reranker instruction overriding the clinical default"),
     ("model", "string", "Reranker tier (see the server's allowlist)"),
+    ("_sort", "string", "Order of the ranked results: a comma list of _score (relevance, the "
+                        "default), date (oldest first) or -date (most recent first), each "
+                        "breaking the ties of the one before, e.g. _sort=_score,-date"),
+    ("rerank_budget_s", "number", "Seconds of reranking: candidates are cut to what the "
+                                  "reranker's measured speed scores in time (0 = off)"),
 ]
 _TYPES = {"reference": "reference", "string": "string", "number": "number", "token": "token",
           "date": "date", "quantity": "quantity"}
@@ -66,6 +71,10 @@ def operation_definition(base: str) -> dict[str, Any]:
             param("recall", "in", 0, "1", "integer", "BM25 candidate budget"),
             param("instruction", "in", 0, "1", "string", "Reranker instruction"),
             param("model", "in", 0, "1", "string", "Reranker tier from the allowlist"),
+            param("_sort", "in", 0, "1", "string",
+                  "Comma list of _score, date, -date (e.g. _score,-date); default _score"),
+            param("rerank_budget_s", "in", 0, "1", "decimal",
+                  "Seconds of reranking; candidates cut to what fits (0 = off)"),
             param("return", "out", 1, "1", "Bundle", "searchset Bundle ordered by relevance"),
         ],
     }

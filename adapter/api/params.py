@@ -14,10 +14,13 @@ from adapter.config import Settings
 from adapter.errors import BadRequest, NotAcceptable, UnsupportedParameter
 from adapter.fhir.search_params import filters_for
 from adapter.models import RESOURCE_TYPES, Outcome, SearchRequest
+from adapter.search.budget import add_budget_param
+from adapter.search.ordering import parse_sort
 
 #: Parameters the adapter itself understands (not sent upstream).
 OWN_PARAMS = ("_content", "query", "patient", "subject", "_type", "_count", "_offset",
-              "recall", "instruction", "model", "_sort", "_format", "_pretty")
+              "recall", "instruction", "model", "_sort", "_format", "_pretty",
+              "rerank_budget_s")
 JSON_FORMATS = ("json", "application/json", "application/fhir+json")
 
 
@@ -119,10 +122,10 @@ def parse_search(pairs: list[tuple[str, str]], settings: Settings, *,
                              f"{', '.join(settings.models_allowed)}", expression="model")
         req.model = model
         used.append(("model", model))
-    for sort in values.get("_sort", []):
-        if sort.strip() not in ("_score", "-_score"):
-            raise BadRequest(f"`_sort`={sort} is not supported: results are ordered by relevance "
-                             "(_sort=_score); filter with `date` instead", expression="_sort")
+    if values.get("_sort"):
+        req.sort = parse_sort(values["_sort"])
+        used.append(("_sort", ",".join(req.sort)))
+    add_budget_param(req, values, used, settings)
 
     allowed_filters = set().union(*(filters_for(t) for t in parsed_types))
     for name, value in pairs:

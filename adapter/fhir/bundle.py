@@ -28,9 +28,11 @@ def _issue_json(outcome: Outcome) -> dict[str, Any]:
 
 def page_url(base: str, endpoint: str, params: list[tuple[str, str]], offset: int,
              count: int) -> str:
-    """The URL of one page of a ranked result: the parameters used, plus paging and _sort."""
+    """The URL of one page of a ranked result: the parameters used, plus paging and `_sort`
+    (the one used, `_score` when none was given)."""
+    sort = next((v for k, v in reversed(params) if k == "_sort"), "_score")
     keep = [(k, v) for k, v in params if k not in ("_offset", "_count", "_sort")]
-    keep += [("_count", str(count)), ("_offset", str(offset)), ("_sort", "_score")]
+    keep += [("_count", str(count)), ("_offset", str(offset)), ("_sort", sort)]
     return f"{base.rstrip('/')}/{endpoint.lstrip('/')}?{urlencode(keep)}"
 
 

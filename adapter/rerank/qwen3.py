@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -160,6 +161,9 @@ class LoadedModel:
     suffix_ids: list[int]
     max_positions: int
     warmed: bool = False
+    #: measured speed (all tokens of the scored sequences / wall seconds): set at warm-up,
+    #: then a running average over real calls (adapter.search.budget uses it)
+    tokens_per_s: float | None = None
     #: one forward at a time per model: concurrent calls would only fight over the same cores/GPU
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -275,8 +279,39 @@ class Qwen3Reranker(Reranker):
         self.instruction = instruction or DEFAULT_INSTRUCTION
         if warmup and not self.loaded.warmed:
             self.score("warm-up", ["warm-up"])
+            self._measure_speed()
             self.loaded.warmed = True
             self.last_report = ScoreReport()
+
+    #: warm-up speed probe: documents × words, about the size of short clinical records
+    SPEED_PROBE = (8, 100)
+    #: calls with fewer tokens than this are mostly overhead and do not update the estimate
+    SPEED_MIN_TOKENS = 512
+
+    def _measure_speed(self) -> None:
+        """Time one synthetic batch so the time budget has a speed before the first search."""
+        docs, words = self.SPEED_PROBE
+        texts = [" ".join(f"finding{(d * words + w) % 997} value {w}" for w in range(words // 3))
+                 for d in range(docs)]
+        self.loaded.tokens_per_s = None
+        self.score("speed probe for the rerank time budget", texts)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Measured tokens per second of this model on this device and dtype (None until warm)."""
+        return self.loaded.tokens_per_s
+
+    def token_lengths(self, query: str, texts: list[str], instruction: str | None = None
+                      ) -> list[int]:
+        """Tokens of each (prefix, instruction, query, document, suffix) sequence as scored."""
+        return [len(seq) for seq in self.encode_pairs(query, texts, instruction)[0]]
+
+    def _note_speed(self, tokens: int, seconds: float) -> None:
+        if tokens < self.SPEED_MIN_TOKENS and self.loaded.tokens_per_s is not None:
+            return
+        speed = tokens / max(seconds, 1e-6)
+        old = self.loaded.tokens_per_s
+        self.loaded.tokens_per_s = speed if old is None else 0.5 * old + 0.5 * speed
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Qwen3Reranker":
@@ -325,7 +360,9 @@ class Qwen3Reranker(Reranker):
             logger.info("truncated %d of %d documents (%d tokens) to max_length %d",
                         report.truncated_docs, len(texts), report.truncated_tokens, self.max_length)
         with self.loaded.lock:
+            started = time.perf_counter()
             scores = self._score_sequences(seqs, on_progress)
+            self._note_speed(sum(len(s) for s in seqs), time.perf_counter() - started)
             self.last_report = report
         return scores
 

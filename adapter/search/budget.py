@@ -1,0 +1,93 @@
+"""The candidate budget as time: how many candidates the reranker can score in `rerank_budget_s`.
+
+With `rerank_budget_s = 0` (the default) the count budget `recall` alone decides, as before.
+With a time budget the first stage hands over up to `max_recall` candidates (a request's own
+`recall` still caps it), and `rank_prepared` keeps the longest head of that order whose tokens
+the reranker can score in time: tokens = each (instruction, query, document) sequence as the
+engine builds it; speed = the reranker's measured tokens/s for its model, device and dtype
+(`Qwen3Reranker.tokens_per_s`: measured at warm-up on a synthetic batch, then a running
+average of real calls). A record that fits is reranked whole; when the budget cuts, an outcome
+says how many were kept and what budget would keep them all. Backends without a model (`none`)
+have no speed limit and keep every candidate. The count is remembered per ranking so the next
+page of a result sees the same candidates.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Sequence
+
+from adapter.config import Settings
+from adapter.errors import BadRequest
+from adapter.lru import LRU
+from adapter.models import Document, Outcome, SearchRequest
+
+#: Candidates kept per (reranker instance, ranking): pages of one result agree.
+BUDGET_CACHE: LRU[int] = LRU(256)
+
+
+def candidates_within(lengths: Sequence[int], tokens_per_s: float, budget_s: float) -> int:
+    """How many of the candidates (in order) fit: the longest head whose token total is at most
+    `tokens_per_s × budget_s`; at least 1 when there is any, so a search always answers."""
+    if tokens_per_s <= 0 or budget_s <= 0 or not math.isfinite(tokens_per_s * budget_s):
+        raise ValueError(f"tokens_per_s {tokens_per_s} and budget_s {budget_s} must be positive")
+    allowance, total = tokens_per_s * budget_s, 0
+    for kept, length in enumerate(lengths):
+        total += length
+        if total > allowance:
+            return max(kept, 1)
+    return len(lengths)
+
+
+def add_budget_param(req: SearchRequest, values: dict[str, list[str]],
+                     used: list[tuple[str, str]], settings: Settings) -> None:
+    """Set `req.rerank_budget_s` from the setting or the `rerank_budget_s` parameter (0 turns
+    it off, at most task_soft_time_limit); with a budget, `recall` defaults to max_recall."""
+    budget = settings.rerank_budget_s
+    if values.get("rerank_budget_s"):
+        raw = values["rerank_budget_s"][-1]
+        limit = settings.task_soft_time_limit
+        try:
+            budget = float(raw)
+        except ValueError:
+            budget = math.nan
+        if not 0 <= budget <= limit:
+            raise BadRequest(f"`rerank_budget_s` must be a number of seconds in 0..{limit}, got "
+                             f"{raw[:40]!r}; 0 turns the time budget off", expression="rerank_budget_s")
+        used.append(("rerank_budget_s", f"{budget:g}"))
+    req.rerank_budget_s = budget
+    if budget > 0 and not values.get("recall"):
+        req.recall = settings.max_recall
+
+
+def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: list[float],
+                      reranker: Any) -> tuple[list[Document], list[float], list[Outcome]]:
+    """The candidates the reranker can score within the request's time budget, and an outcome
+    when some were cut."""
+    budget = float(req.get("rerank_budget_s") or 0.0)
+    speed = getattr(reranker, "tokens_per_s", None)
+    if budget <= 0 or not speed or not docs:
+        return docs, recall_scores, []
+    digest = hashlib.sha256()
+    for part in (req["query"], req.get("instruction") or "", f"{budget!r}",
+                 *(f"{d.id}\0{d.text}" for d in docs)):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\1")
+    key = (reranker.instance_id, digest.hexdigest())
+    kept = BUDGET_CACHE.get(key)
+    lengths: list[int] = []
+    if kept is None:
+        lengths = reranker.token_lengths(req["query"], [d.text for d in docs],
+                                         req.get("instruction"))
+        kept = candidates_within(lengths, speed, budget)
+        BUDGET_CACHE.put(key, kept)
+    if kept >= len(docs):
+        return docs, recall_scores, []
+    whole = f"; about {sum(lengths) / speed:.0f} s would rerank all" if lengths else ""
+    outcome = Outcome(
+        "information", "informational",
+        f"rerank_budget_s={budget:g}: the reranker (measured {speed:.0f} tokens/s) can score "
+        f"{kept} of the {len(docs)} candidates in time, so the {kept} best by the first stage "
+        f"were reranked and {len(docs) - kept} were left out{whole}; raise `rerank_budget_s` "
+        "to rerank more", ("rerank_budget_s",))
+    return docs[:kept], recall_scores[:kept], [outcome]

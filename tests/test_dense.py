@@ -1,0 +1,190 @@
+"""Dense recall: the Qwen3-Embedding engine against a port of the model card, RRF fusion on
+hand-made rankings, the hybrid first stage, its cache, and absent weights."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from adapter.config import load_settings
+from adapter.models import Document
+from adapter.search.dense import Qwen3Embedder, load_embedding_model
+from adapter.search.fusion import reciprocal_rank_fusion
+from adapter.search.hybrid import DOC_VECTOR_CACHE, first_stage, reset_embedders
+from oracle_embedding import card_embeddings, load_card_model
+
+TASK = "Given a clinician's question, find the record entries that answer it"
+QUERIES = ["LDL cholesterol", "glucosa en sangre", "Blutdruck zu hoch", "肾功能", "BUN"]
+MICAH = "720b9118-3153-40c8-b162-cd963506be0e"
+
+
+def random_documents(seed: int, count: int, max_words: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ["Low", "Density", "Lipoprotein", "Cholesterol", "mg/dL", "Urea", "Nitrogen",
+             "Hämoglobin", "presión", "arterial", "血压", "Observation", "final", "2019-03-02",
+             "Alanine", "aminotransferase", "12.5", "Hypertension", "(disorder)"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(0, max_words)))
+            for _ in range(count)]
+
+
+def engine(path, max_length=8192, batch_tokens=16384) -> Qwen3Embedder:
+    loaded = load_embedding_model(str(path), "cpu", torch.float32)
+    return Qwen3Embedder(loaded, task=TASK, max_length=max_length, batch_tokens=batch_tokens)
+
+
+def test_tiny_embedding_checkpoint_is_a_qwen3_model_with_the_real_tokenizer(tiny_embedding_dir):
+    from transformers import Qwen3Model
+
+    tokenizer, model = load_card_model(str(tiny_embedding_dir))  # AutoTokenizer, AutoModel
+    assert isinstance(model, Qwen3Model)
+    # like the released Qwen3-Embedding tokenizers: "test" → [1944, <|endoftext|>], left padded
+    assert tokenizer(["test", "test again"], padding=True)["input_ids"] == [
+        [151643, 1944, 151643], [1944, 1549, 151643]]
+    assert tokenizer("Hello, world!")["input_ids"][:-1] == [9707, 11, 1879, 0]
+
+
+@pytest.mark.parametrize("seed,max_length,batch_tokens", [(0, 8192, 16384), (1, 24, 64),
+                                                          (2, 8192, 40)])
+def test_engine_matches_the_model_card_within_1e_5(tiny_embedding_dir, seed, max_length,
+                                                   batch_tokens):
+    docs = random_documents(seed, 13, 40) + [""]
+    card_q, card_d, card_scores = card_embeddings(str(tiny_embedding_dir), QUERIES, docs, TASK,
+                                                  max_length=max_length)
+    ours = engine(tiny_embedding_dir, max_length, batch_tokens)
+    q, d = ours.embed_queries(QUERIES), ours.embed(docs)
+    assert torch.allclose(q, card_q, atol=1e-5, rtol=0)
+    assert torch.allclose(d, card_d, atol=1e-5, rtol=0)
+    assert torch.allclose(q @ d.T, card_scores, atol=1e-5, rtol=0)
+    assert torch.allclose(d.norm(dim=1), torch.ones(len(docs)), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["no instruction", "first token", "mean pooling"])
+def test_comparison_catches_recipe_mistakes(tiny_embedding_dir, variant):
+    docs = random_documents(5, 6, 30)
+    card_q, card_d, _ = card_embeddings(str(tiny_embedding_dir), QUERIES, docs, TASK)
+    ours = engine(tiny_embedding_dir)
+    if variant == "no instruction":
+        wrong, right = ours.embed(QUERIES), card_q
+    else:
+        tok = ours.loaded.tokenizer
+        batch = tok(docs, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            states = ours.loaded.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = states[:, 0] if variant == "first token" else (states * mask).sum(1) / mask.sum(1)
+        wrong, right = torch.nn.functional.normalize(pooled, dim=1), card_d
+    assert (wrong - right).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("rankings,k,expected", [
+    # a: 1/61 + 1/62, c: 1/63 + 1/61, b: 1/62, d: 1/63
+    ([["a", "b", "c"], ["c", "a", "d"]], 60, ["a", "c", "b", "d"]),
+    # equal fused scores fall back to the tiebreak (the item itself)
+    ([["y", "x"], ["x", "y"]], 60, ["x", "y"]),
+    # k = 0: rank 1 in one list (1.0) beats ranks 2 and 2 (0.5 + 0.5 = 1.0 → tie → id), and 3
+    ([["p", "q", "r"], ["r", "q", "p"], ["q"]], 0, ["q", "p", "r"]),
+    # a document counts once per ranking, at its best rank
+    ([["a", "a", "b"]], 60, ["a", "b"]),
+])
+def test_reciprocal_rank_fusion_on_hand_made_rankings(rankings, k, expected):
+    fused = reciprocal_rank_fusion(rankings, k=k)
+    assert [item for item, _ in fused] == expected
+
+
+def test_rrf_scores_are_the_sums_of_reciprocal_ranks():
+    fused = dict(reciprocal_rank_fusion([["a", "b", "c"], ["c", "a", "d"]]))
+    assert fused["a"] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused["c"] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused["d"] == pytest.approx(1 / 63)
+    with pytest.raises(ValueError, match="rrf k"):
+        reciprocal_rank_fusion([["a"]], k=-1)
+
+
+def _docs(texts: list[str], version: str = "1") -> list[Document]:
+    return [Document(f"Observation/o{i}", "Observation", text,
+                     {"resourceType": "Observation", "id": f"o{i}",
+                      "meta": {"versionId": version}}, f"http://x/Observation/o{i}")
+            for i, text in enumerate(texts)]
+
+
+@pytest.fixture()
+def dense_settings(tiny_embedding_dir):
+    reset_embedders()
+    DOC_VECTOR_CACHE.clear()
+    yield load_settings({"embedder": str(tiny_embedding_dir), "device": "cpu",
+                         "dtype": "float32", "embedder_instruction": TASK}, env={})
+    reset_embedders()
+
+
+def test_first_stage_fuses_keyword_and_dense_rankings(dense_settings):
+    texts = random_documents(7, 12, 12) + ["potassium serum 4.1 mmol/L"]
+    docs = _docs(texts)
+    from adapter.search.hybrid import get_embedder
+
+    dense_order = [docs[i].id for i, _ in get_embedder(dense_settings).rank("potassium", docs)]
+    candidates, outcomes = first_stage("potassium", docs, 5, dense_settings)
+    ids = [d.id for d, _ in candidates]
+    # only the last document has the word: it is in both rankings, so it leads; the rest are
+    # the dense ranking's order (each only in that ranking), cut to k = 5
+    assert outcomes == [] and len(ids) == 5
+    assert ids[0] == "Observation/o12"
+    assert ids[1:] == [i for i in dense_order if i != "Observation/o12"][:4]
+    scores = [s for _, s in candidates]
+    assert scores == sorted(scores, reverse=True)
+    keyword_only = first_stage("potassium", docs, 5, load_settings({}, env={}))[0]
+    assert [d.id for d, _ in keyword_only][1:] != ids[1:]  # BM25 alone orders the rest by id
+
+
+def test_document_vectors_are_cached_per_resource_version(dense_settings):
+    from adapter.search.hybrid import get_embedder
+
+    embedder = get_embedder(dense_settings)
+    docs = _docs(["alpha beta", "gamma delta"])
+    first = embedder.document_vectors(docs)
+    assert len(DOC_VECTOR_CACHE) == 2
+    again = embedder.document_vectors(docs)
+    assert len(DOC_VECTOR_CACHE) == 2 and torch.equal(first, again)
+    embedder.document_vectors(_docs(["alpha beta changed", "gamma delta"], version="2"))
+    assert len(DOC_VECTOR_CACHE) == 4
+
+
+def test_absent_embedding_weights_mean_keyword_recall_and_a_warning(tmp_path, caplog):
+    reset_embedders()
+    settings = load_settings({"embedder": str(tmp_path / "no-such-model")}, env={})
+    docs = _docs(["potassium serum", "sodium serum", "glucose"])
+    with caplog.at_level(logging.WARNING, logger="adapter.search.hybrid"):
+        for _ in range(3):
+            candidates, outcomes = first_stage("potassium", docs, 2, settings)
+    assert [d.id for d, _ in candidates] == ["Observation/o0", "Observation/o1"]
+    assert len(outcomes) == 1 and outcomes[0].severity == "warning"
+    assert "dense recall is off" in outcomes[0].diagnostics and "embedder" in outcomes[0].diagnostics
+    lines = [r for r in caplog.records if "dense recall off" in r.getMessage()]
+    assert len(lines) == 1  # once per process, not per search
+    reset_embedders()
+
+
+def test_api_with_dense_recall_and_without_weights(tiny_embedding_dir, tmp_path):
+    from test_api import bundle_of, make_client, matches, outcome_issues
+
+    reset_embedders()
+    url = f"/fhir/Patient/{MICAH}/$rerank?query=kidney%20function&recall=7&_count=50"
+    fused = bundle_of(make_client(embedder=str(tiny_embedding_dir), device="cpu",
+                                  dtype="float32").get(url))
+    assert len(matches(fused)) == 7
+    assert any("BM25 + dense (RRF)" in i["diagnostics"] for i in outcome_issues(fused))
+    reset_embedders()
+    absent = bundle_of(make_client(embedder=str(tmp_path / "nothing")).get(url))
+    assert len(matches(absent)) == 7
+    warnings = [i for i in outcome_issues(absent) if i["severity"] == "warning"]
+    assert any("dense recall is off" in i["diagnostics"] for i in warnings)
+    reset_embedders()
+
+
+def test_make_tiny_model_cli_writes_an_embedding_checkpoint(tmp_path):
+    from adapter.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "emb"), "--kind", "embedding"]) == 0
+    vectors = engine(tmp_path / "emb").embed(["Urea Nitrogen"])
+    assert vectors.shape == (1, 16) and abs(vectors.norm().item() - 1.0) < 1e-5
