@@ -177,6 +177,13 @@ def build_app(settings: Settings) -> Any:
                 sys.exit(APP_LOAD_ERROR)
             if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
                 log.info("reranker: %s", reranker.describe())
+        if settings.embedder.strip():  # dense recall runs here, in the API process
+            from adapter.search.hybrid import get_embedder
+
+            embedder = get_embedder(settings)  # one warning line when it cannot be loaded
+            if not isinstance(embedder, str):
+                log.info("dense recall: %s fused with BM25 (rrf_k=%d)",
+                         embedder.describe(), settings.rrf_k)  # type: ignore[attr-defined]
     finally:
         stop.set()
     return app

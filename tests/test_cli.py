@@ -128,3 +128,18 @@ def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path):
     assert config["model_type"] == "qwen3" and config["tie_word_embeddings"] is False
     scores = Qwen3Reranker(str(out), device="cpu", dtype="float32").score("q", ["a", "b"])
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+
+
+def test_serve_without_embedding_weights_says_so_once_and_serves_keyword_recall(served, tmp_path):
+    missing = str(tmp_path / "no-embedding")
+    base, log = served("--reranker", "none", env=_env(FHIR_RERANK_EMBEDDER=missing,
+                                                      HF_HUB_OFFLINE="1"))
+    for _ in range(2):
+        bundle = requests.get(f"{base}/Condition", params={"patient": BIG, "_content": "stress"},
+                              timeout=30).json()
+    lines = [line for line in log.read_text().splitlines() if "dense recall off" in line]
+    assert len(lines) == 1 and 'embedder = ""' in lines[0]
+    warnings = [i["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+                for i in e["resource"]["issue"] if i["severity"] == "warning"]
+    assert any("dense recall is off" in w for w in warnings)
+    assert [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
