@@ -181,3 +181,50 @@ def test_api_sort_by_date_links_and_capability():
         assert {"_sort", "rerank_budget_s"} <= {p["name"] for p in resource["searchParam"]}
     opdef = bundle_of(client.get("/fhir/OperationDefinition/rerank"))
     assert "_sort" in {p["name"] for p in opdef["parameter"]}
+
+
+# --- hostile inputs (hypothesis) -----------------------------------------------------------
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+_SORT_PIECES = st.sampled_from(["_score", "-_score", "date", "-date", "name", "", " ", ",",
+                                "-", "DATE", "_lastUpdated", "\x00", "é"])
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_SORT_PIECES, max_size=4).map(",".join), max_size=3) | st.lists(st.text()))
+def test_sort_parsing_answers_keys_or_a_400_naming_sort(values):
+    try:
+        keys = parse_sort(values)
+    except BadRequest as err:
+        assert err.expression == "_sort" and "_score" in err.message
+        return
+    assert keys and set(keys) <= {"_score", "-_score", "date", "-date"}
+    assert len({k.lstrip("-") for k in keys}) == len(keys)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.none(), st.integers(), st.dictionaries(st.text(), st.text())))
+def test_clinical_dates_never_raise_on_odd_data(value):
+    assert parse_fhir_datetime(value) is None or isinstance(parse_fhir_datetime(value), float)
+    for rtype in ("Observation", "Condition", "DocumentReference"):
+        resource = {"resourceType": rtype, "effectiveDateTime": value, "onsetPeriod": value,
+                    "issued": value, "date": value, "context": {"period": value}}
+        when = clinical_date(resource)
+        assert when is None or isinstance(when, float)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=10_000), max_size=50),
+       st.floats(min_value=1.0, max_value=1e6), st.floats(min_value=1e-3, max_value=1e3))
+def test_budget_count_is_the_longest_fitting_head(lengths, speed, budget):
+    kept = candidates_within(lengths, speed, budget)
+    allowance = speed * budget
+    if not lengths:
+        assert kept == 0
+        return
+    assert 1 <= kept <= len(lengths)
+    if sum(lengths[:kept]) > allowance:
+        assert kept == 1  # only the floor of one candidate may overrun
+    if kept < len(lengths):
+        assert sum(lengths[:kept + 1]) > allowance
