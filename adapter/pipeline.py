@@ -168,9 +168,10 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
     for doc in documents:  # sources without URLs of their own (files) give "Type/id"
         if doc.full_url and "://" not in doc.full_url and not doc.full_url.startswith("urn:"):
             doc.full_url = f"{links.base}/{doc.full_url}"
-    with timed_stage("recall"):
-        candidates, matched, recall_outcomes = first_stage(request.query, documents,
-                                                           request.recall, settings)
+    with timed_stage("recall"):  # the order matters only when a time budget cuts it
+        candidates, matched, recall_outcomes = first_stage(
+            request.query, documents, request.recall, settings,
+            ordered=request.rerank_budget_s > 0)
     outcomes.extend(recall_outcomes)
     lenient = validation_outcome([d for d, _, _ in candidates])  # R4B check, candidates only
     if lenient:

@@ -137,6 +137,15 @@ def test_first_stage_fuses_keyword_and_dense_rankings(dense_settings):
     assert [d.id for d, _ in keyword_only][1:] != ids[1:]  # BM25 alone orders the rest by id
 
 
+def test_dense_ranking_is_skipped_when_every_document_is_reranked_anyway(dense_settings):
+    docs = _docs(["potassium serum", "sodium", "glucose"])
+    unordered, _ = first_stage("potassium", docs, 5, dense_settings, ordered=False)
+    assert len(DOC_VECTOR_CACHE) == 0  # nothing embedded: all three are candidates anyway
+    assert [d.id for d, _ in unordered] == ["Observation/o0", "Observation/o1", "Observation/o2"]
+    ordered, _ = first_stage("potassium", docs, 5, dense_settings)
+    assert len(DOC_VECTOR_CACHE) == 3 and {d.id for d, _ in ordered} == {d.id for d in docs}
+
+
 def test_document_vectors_are_cached_per_resource_version(dense_settings):
     from adapter.search.hybrid import get_embedder
 

@@ -70,11 +70,16 @@ def reset_embedders() -> None:
         _embedders.clear()
 
 
-def first_stage(query: str, documents: list[Document], k: int, settings: Settings
+def first_stage(query: str, documents: list[Document], k: int, settings: Settings, *,
+                ordered: bool = True
                 ) -> tuple[list[tuple[Document, float, bool]], int, list[Outcome]]:
     """The `k` best documents, best first, as (document, BM25 score, holds a query term); the
     number of documents holding a query term; and any outcome. Like `recall_matches`, whose
-    result this is when dense recall is off."""
+    result this is when dense recall is off.
+
+    `ordered=False` says only the set matters (every candidate gets reranked): when all the
+    documents fit in `k` the dense ranking then changes nothing and is skipped.
+    """
     embedder = get_embedder(settings) if documents else None
     if embedder is None:
         return (*recall_matches(query, documents, k), [])
@@ -82,6 +87,8 @@ def first_stage(query: str, documents: list[Document], k: int, settings: Setting
         return (*recall_matches(query, documents, k), [Outcome(
             "warning", "processing",
             f"dense recall is off, candidates are by keywords only: {embedder}")])
+    if len(documents) <= k and not ordered:
+        return (*recall_matches(query, documents, k), [])
     ranked, matched = recall_matches(query, documents, len(documents))
     position = {id(d): i for i, d in enumerate(documents)}
     keyword_ranking = [position[id(d)] for d, _, holds in ranked if holds]
