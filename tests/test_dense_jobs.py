@@ -1,0 +1,51 @@
+"""Issue 11 item 8: with dense recall, a time budget and `_sort`, what crosses Redis still holds
+no Authorization. Real redis-server, real FHIR test server, the tiny checkpoints; the job is
+routed to a queue no worker consumes, so the task message can be read where it waits."""
+from __future__ import annotations
+
+import base64
+import json
+
+import redis
+
+from adapter.search.hybrid import reset_embedders
+from adapter.tasks import unseal
+from test_jobs import ASYNC, BIG, client_for, job_path, job_settings
+
+TOKEN = "Bearer dense-recall-secret-token-8"
+
+
+def test_task_message_with_dense_recall_holds_no_authorization(redis_server, fhir_server,
+                                                               tiny_model_dir,
+                                                               tiny_embedding_dir):
+    reset_embedders()
+    tiny = str(tiny_model_dir)
+    settings = job_settings(redis_server, fhir_server, (tiny, tiny), model_queues=[f"{tiny}=parked"],
+                            embedder=str(tiny_embedding_dir), dtype="float32",
+                            embedder_max_length=128)
+    client = client_for(settings)
+    url = (f"/fhir/DocumentReference?patient={BIG}&_content=diabetes%20follow-up"
+           "&_sort=_score,-date&rerank_budget_s=5&recall=30")
+    path = job_path(client.get(url, headers={**ASYNC, "Authorization": TOKEN}))
+    db = redis.Redis.from_url(redis_server.url)
+    waiting = db.lrange("rerank.parked", 0, -1)
+    assert len(waiting) == 1
+    message = json.loads(waiting[0])
+    args = json.loads(base64.b64decode(message["body"]))[0]
+    payload = unseal(args[0], settings.get("payload_key", ""))
+    request = payload["request"]
+    assert request["sort"] == ["_score", "-date"] and request["rerank_budget_s"] == 5.0
+    assert "authorization" not in request and len(payload["candidates"]) == 30
+    # first-stage scores are RRF sums (at most 2/61), not BM25 scores
+    assert all(0 < c["recall_score"] <= 2 / 61 for c in payload["candidates"])
+    secret = TOKEN.split()[1].encode()
+    for key in db.scan_iter():
+        kind = db.type(key)
+        values = (db.lrange(key, 0, -1) if kind == b"list" else
+                  list(db.hgetall(key).values()) if kind == b"hash" else
+                  [db.get(key)] if kind == b"string" else [])
+        assert all(secret not in (v or b"") for v in values), key
+    assert secret not in json.dumps(payload).encode()
+    assert client.delete(path, headers={"Authorization": TOKEN}).status_code == 202
+    db.delete("rerank.parked")
+    reset_embedders()
