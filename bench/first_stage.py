@@ -8,7 +8,7 @@ API makes), once with `embedder = ""` and once with the given embedder; the cand
 hands to the reranker is judged with ir-measures: R@10, R@100, nDCG@10 (first-stage order).
 Defaults: ../shared/eval over ../shared/fhir-data/synthea-r4-bundles. A temporary harness
 until `fhir-rerank eval` exists; with tiny random weights it only shows that fusion runs.
-Needs ir-measures (`pip install -e '.[bench]'`).
+Needs ir-measures (a dependency, for `fhir-rerank eval`).
 """
 from __future__ import annotations
 

@@ -124,26 +124,28 @@ def test_first_stage_fuses_keyword_and_dense_rankings(dense_settings):
     from adapter.search.hybrid import get_embedder
 
     dense_order = [docs[i].id for i, _ in get_embedder(dense_settings).rank("potassium", docs)]
-    candidates, outcomes = first_stage("potassium", docs, 5, dense_settings)
-    ids = [d.id for d, _ in candidates]
+    candidates, matched, outcomes = first_stage("potassium", docs, 5, dense_settings)
+    ids = [d.id for d, _, _ in candidates]
     # only the last document has the word: it is in both rankings, so it leads; the rest are
     # the dense ranking's order (each only in that ranking), cut to k = 5
-    assert outcomes == [] and len(ids) == 5
+    assert outcomes == [] and len(ids) == 5 and matched == 1
     assert ids[0] == "Observation/o12"
     assert ids[1:] == [i for i in dense_order if i != "Observation/o12"][:4]
-    scores = [s for _, s in candidates]
-    assert scores == sorted(scores, reverse=True)
+    # each candidate keeps its BM25 score and match flag (keyword order and outcomes use them)
+    assert candidates[0][1] > 0 and candidates[0][2] is True
+    assert all(score == 0 and not holds for _, score, holds in candidates[1:])
     keyword_only = first_stage("potassium", docs, 5, load_settings({}, env={}))[0]
-    assert [d.id for d, _ in keyword_only][1:] != ids[1:]  # BM25 alone orders the rest by id
+    assert [d.id for d, _, _ in keyword_only][1:] != ids[1:]  # BM25 alone: the rest by id
 
 
 def test_dense_ranking_is_skipped_when_every_document_is_reranked_anyway(dense_settings):
     docs = _docs(["potassium serum", "sodium", "glucose"])
-    unordered, _ = first_stage("potassium", docs, 5, dense_settings, ordered=False)
+    unordered = first_stage("potassium", docs, 5, dense_settings, ordered=False)[0]
     assert len(DOC_VECTOR_CACHE) == 0  # nothing embedded: all three are candidates anyway
-    assert [d.id for d, _ in unordered] == ["Observation/o0", "Observation/o1", "Observation/o2"]
-    ordered, _ = first_stage("potassium", docs, 5, dense_settings)
-    assert len(DOC_VECTOR_CACHE) == 3 and {d.id for d, _ in ordered} == {d.id for d in docs}
+    assert [d.id for d, _, _ in unordered] == ["Observation/o0", "Observation/o1",
+                                               "Observation/o2"]
+    ordered = first_stage("potassium", docs, 5, dense_settings)[0]
+    assert len(DOC_VECTOR_CACHE) == 3 and {d.id for d, _, _ in ordered} == {d.id for d in docs}
 
 
 def test_document_vectors_are_cached_per_resource_version(dense_settings):
@@ -165,8 +167,8 @@ def test_absent_embedding_weights_mean_keyword_recall_and_a_warning(tmp_path, ca
     docs = _docs(["potassium serum", "sodium serum", "glucose"])
     with caplog.at_level(logging.WARNING, logger="adapter.search.hybrid"):
         for _ in range(3):
-            candidates, outcomes = first_stage("potassium", docs, 2, settings)
-    assert [d.id for d, _ in candidates] == ["Observation/o0", "Observation/o1"]
+            candidates, _, outcomes = first_stage("potassium", docs, 2, settings)
+    assert [d.id for d, _, _ in candidates] == ["Observation/o0", "Observation/o1"]
     assert len(outcomes) == 1 and outcomes[0].severity == "warning"
     assert "dense recall is off" in outcomes[0].diagnostics and "embedder" in outcomes[0].diagnostics
     lines = [r for r in caplog.records if "dense recall off" in r.getMessage()]
@@ -174,18 +176,20 @@ def test_absent_embedding_weights_mean_keyword_recall_and_a_warning(tmp_path, ca
     reset_embedders()
 
 
-def test_api_with_dense_recall_and_without_weights(tiny_embedding_dir, tmp_path):
+def test_api_with_dense_recall_and_without_weights(tiny_embedding_dir, tiny_model_dir, tmp_path):
     from test_api import bundle_of, make_client, matches, outcome_issues
 
     reset_embedders()
     url = f"/fhir/Patient/{MICAH}/$rerank?query=kidney%20function&recall=7&_count=50"
-    fused = bundle_of(make_client(embedder=str(tiny_embedding_dir), device="cpu",
+    fused = bundle_of(make_client(embedder=str(tiny_embedding_dir), reranker="qwen3",
+                                  model=str(tiny_model_dir), device="cpu",
                                   dtype="float32").get(url))
-    assert len(matches(fused)) == 7
-    assert any("BM25 + dense (RRF)" in i["diagnostics"] for i in outcome_issues(fused))
+    assert len(matches(fused)) == 7  # a model reranks every fused candidate
+    assert any("best by BM25 + dense (RRF) were reranked" in i["diagnostics"]
+               for i in outcome_issues(fused))
     reset_embedders()
     absent = bundle_of(make_client(embedder=str(tmp_path / "nothing")).get(url))
-    assert len(matches(absent)) == 7
+    assert 0 < len(matches(absent)) <= 7
     warnings = [i for i in outcome_issues(absent) if i["severity"] == "warning"]
     assert any("dense recall is off" in i["diagnostics"] for i in warnings)
     reset_embedders()
