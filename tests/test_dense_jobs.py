@@ -1,15 +1,18 @@
 """Issue 11 item 8: with dense recall, a time budget and `_sort`, what crosses Redis still holds
-no Authorization. Real redis-server, real FHIR test server, the tiny checkpoints; the job is
-routed to a queue no worker consumes, so the task message can be read where it waits."""
+no Authorization. Real redis-server, real FHIR test server, the tiny checkpoints. The job goes
+to a queue whose only worker has announced itself (a heartbeat, as a busy worker leaves) but
+never takes the message, so the task message can be read in Redis where it waits."""
 from __future__ import annotations
 
 import base64
 import json
+import time
 
 import redis
 
 from adapter.search.hybrid import reset_embedders
-from adapter.tasks import unseal
+from adapter.jobs.envelope import unseal
+from adapter.jobs.heartbeat import forget_live_cache, workers_key
 from test_jobs import ASYNC, BIG, client_for, job_path, job_settings
 
 TOKEN = "Bearer dense-recall-secret-token-8"
@@ -23,12 +26,16 @@ def test_task_message_with_dense_recall_holds_no_authorization(redis_server, fhi
     settings = job_settings(redis_server, fhir_server, (tiny, tiny), model_queues=[f"{tiny}=parked"],
                             embedder=str(tiny_embedding_dir), dtype="float32",
                             embedder_max_length=128)
+    db = redis.Redis.from_url(redis_server.url)
+    db.zadd(workers_key("rerank.parked"), {"announced-but-busy@test": time.time() + 600})
+    forget_live_cache()
     client = client_for(settings)
     url = (f"/fhir/DocumentReference?patient={BIG}&_content=diabetes%20follow-up"
            "&_sort=_score,-date&rerank_budget_s=5&recall=30")
     path = job_path(client.get(url, headers={**ASYNC, "Authorization": TOKEN}))
-    db = redis.Redis.from_url(redis_server.url)
-    waiting = db.lrange("rerank.parked", 0, -1)
+    deadline = time.monotonic() + 180  # the API prepares (fetch, flatten, dense) before sending
+    while not (waiting := db.lrange("rerank.parked", 0, -1)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert len(waiting) == 1
     message = json.loads(waiting[0])
     args = json.loads(base64.b64decode(message["body"]))[0]
@@ -46,5 +53,6 @@ def test_task_message_with_dense_recall_holds_no_authorization(redis_server, fhi
         assert all(secret not in (v or b"") for v in values), key
     assert secret not in json.dumps(payload).encode()
     assert client.delete(path, headers={"Authorization": TOKEN}).status_code == 202
-    db.delete("rerank.parked")
+    db.delete("rerank.parked", workers_key("rerank.parked"))
+    forget_live_cache()
     reset_embedders()
