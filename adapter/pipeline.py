@@ -243,9 +243,9 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
             return None  # every resource was reranked: nothing to say
         return Outcome("information", "informational",
                        f"{searched} resources searched, {matched} hold a word of the question; "
-                       f"the {candidates} best by {payload.get('first_stage', 'BM25')} were reranked "
-                       f"(recall={req['recall']}); "
-                       "raise `recall` to rerank more", ("recall",))
+                       f"the {candidates} best by {payload.get('first_stage', 'BM25')} were "
+                       f"reranked (recall={req['recall']}); raise `recall` to rerank more",
+                       ("recall",))
     found = (f"{matched} of {searched} resources hold a word of the question (stopwords and "
              "words no record has do not count)")
     if not matched:
