@@ -1,5 +1,5 @@
-"""`fhir-rerank`: serve the API, run a worker, search from the shell, make a tiny model,
-check a FHIR server end to end (`interop`)."""
+"""`fhir-rerank`: serve the API, run a worker, search or rerank from the shell, make a tiny
+model, check a FHIR server end to end (`interop`)."""
 from __future__ import annotations
 
 import argparse
@@ -23,15 +23,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="a live FHIR R4 server (env FHIR_RERANK_FHIR_BASE_URL)")
     parser.add_argument("--fhir-data", dest="fhir_data",
                         help="directory of FHIR Bundles (*.json) / Bulk NDJSON (*.ndjson)")
-    parser.add_argument("--reranker", choices=["qwen3", "none"],
-                        help="qwen3 (default) or none (BM25 order)")
+    parser.add_argument("--reranker", choices=["qwen3", "none", "remote"],
+                        help="qwen3 (default), none (BM25 order) or remote (remote_url)")
     parser.add_argument("--model", help="0.6B | 4B | 8B | a Hugging Face id | a local directory")
     parser.add_argument("--device", help="auto | cuda | cpu | mps")
     parser.add_argument("--redis-url", dest="redis_url",
                         help="Celery broker/results; empty = run jobs in-process")
+    parser.add_argument("--instruction", help="the reranker's task instruction (Qwen3)")
 
 
-COMMON = ("fhir_base_url", "fhir_data", "reranker", "model", "device", "redis_url")
+COMMON = ("fhir_base_url", "fhir_data", "reranker", "model", "device", "redis_url",
+          "instruction")
 
 
 def _quiet_handler() -> type:
@@ -85,21 +87,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from adapter.api.params import parse_search
+    from adapter.cli_people import print_bundle_table, progress
     from adapter.fhir import make_source
-    from adapter.pipeline import LinkContext, run_search
+    from adapter.pipeline import LinkContext, prepare_search, rank_prepared
     from adapter.rerank import get_reranker
 
     settings = _settings_from(args, COMMON)
     pairs = [("query", args.query)] + [("_type", t) for t in args.type or []]
     if args.patient:
         pairs.append(("patient", args.patient))
+    if args.recall:
+        pairs.append(("recall", str(args.recall)))
+    if args.instruction:
+        pairs.append(("instruction", args.instruction))
     pairs.append(("_count", str(args.count)))
     parsed = parse_search(pairs, settings, types=None, strict=True, query_param="query")
     links = LinkContext("urn:fhir-rerank:cli", "$rerank", parsed.used)
-    bundle = run_search(parsed.request, make_source(settings),
-                        get_reranker(settings, parsed.request.model), settings, links)
-    json.dump(bundle, sys.stdout, indent=2 if args.pretty else None)
-    sys.stdout.write("\n")
+    payload = prepare_search(parsed.request, make_source(settings), settings, links)
+    with progress("reranking") as bar:
+        bundle = rank_prepared(payload, get_reranker(settings, parsed.request.model),
+                               on_progress=bar, settings=settings)
+    if args.json or args.pretty:
+        json.dump(bundle, sys.stdout, indent=2 if args.pretty else None)
+        sys.stdout.write("\n")
+    else:
+        print_bundle_table(bundle)
     return 0
 
 
@@ -128,6 +140,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rerank(args: argparse.Namespace) -> int:
+    from adapter.cli_people import cmd_rerank as run
+
+    return run(args, _settings_from(args, COMMON))
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from adapter.rerank.tiny import make_tiny_model
 
@@ -137,34 +155,60 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG = """examples:
+  fhir-rerank make-tiny-model /tmp/tiny
+  fhir-rerank serve --model /tmp/tiny          # FHIR API + /v1/rerank on :8080
+  fhir-rerank search "latest HbA1c" --patient 79a66c97-6131-3213-f3c9-4606946ab056
+  fhir-rerank rerank --query "asthma" --docs notes.jsonl --model /tmp/tiny
+"""
+
+
+def _parser(sub: Any, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text,
+                          epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fhir-rerank", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    from adapter import __version__
+
+    parser = argparse.ArgumentParser(prog="fhir-rerank", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fhir-rerank {__version__}")
+    parser.add_argument("--log-level", default="INFO",
+                        help="DEBUG, INFO (default), WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the FHIR API")
+    serve = _parser(sub, "serve", "serve the FHIR API and the rerank API (/v1/rerank)",
+                    "fhir-rerank serve --model /tmp/tiny --port 8080")
     _add_common(serve)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--dev", action="store_true",
                        help="Werkzeug's development server instead of gunicorn")
     serve.set_defaults(func=cmd_serve)
 
-    worker = sub.add_parser("worker", help="run a Celery worker for some model tiers")
+    worker = _parser(sub, "worker", "run a Celery worker for some model tiers",
+                     "fhir-rerank worker --redis-url redis://127.0.0.1:6379/0 --tiers 0.6B")
     _add_common(worker)
     worker.add_argument("--tiers", help="comma-separated tiers to serve (default: --model)")
-    worker.add_argument("--concurrency", type=int, default=1)
-    worker.add_argument("--pool", default="prefork")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    worker.add_argument("--pool", default="prefork", help="Celery pool: prefork, threads, solo")
+    worker.add_argument("--loglevel", default="INFO", help="the worker's log level")
     worker.set_defaults(func=cmd_worker)
 
-    search = sub.add_parser("search", help="run one $rerank search and print the Bundle")
+    search = _parser(sub, "search", "search a patient's record by meaning; prints a table",
+                     'fhir-rerank search "breathless at night" --patient 79a66c97-6131-3213-'
+                     'f3c9-4606946ab056 --type Condition --count 5')
     _add_common(search)
-    search.add_argument("query")
-    search.add_argument("--patient")
-    search.add_argument("--type", action="append", help="DocumentReference, Observation, Condition")
-    search.add_argument("--count", type=int, default=10)
-    search.add_argument("--pretty", action="store_true")
+    search.add_argument("query", help="the question, in plain words")
+    search.add_argument("--patient", help="the patient's id on the FHIR server")
+    search.add_argument("--type", action="append",
+                        help="DocumentReference, Observation or Condition (repeatable)")
+    search.add_argument("--count", type=int, default=10, help="results to show (default 10)")
+    search.add_argument("--recall", type=int, help="keyword candidates handed to the reranker")
+    search.add_argument("--json", action="store_true", help="print the Bundle as JSON")
+    search.add_argument("--pretty", action="store_true", help="print the Bundle as indented JSON")
     search.set_defaults(func=cmd_search)
 
     ev = sub.add_parser("eval", help="measure ranking quality on judged topics (TREC qrels)")
@@ -178,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", help="write the rankings as a TREC run file")
     ev.add_argument("--json", help="write per-query and overall metrics as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    rerank = _parser(sub, "rerank", "rank the documents of a JSONL file by a query",
+                     'fhir-rerank rerank --query "asthma" --docs notes.jsonl --model /tmp/tiny')
+    _add_common(rerank)
+    rerank.add_argument("--query", required=True, help="the text to rank the documents by")
+    rerank.add_argument("--docs", required=True,
+                        help='JSONL: one string or {"id": ..., "text": ...} per line')
+    rerank.add_argument("--top-n", dest="top_n", type=int, default=None,
+                        help="show only the best N (default all)")
+    rerank.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rerank.set_defaults(func=cmd_rerank)
 
     tiny = sub.add_parser("make-tiny-model",
                           help="write a tiny random-weight Qwen3 reranker or embedding model (smoke tests)")

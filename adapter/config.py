@@ -88,6 +88,22 @@ class Settings:
     embedder_max_length: int = 8192
     rrf_k: int = 60
     rerank_budget_s: float = 0.0
+    # --- rerank API, usage and cost, long documents, remote backend (issue 9) ---
+    long_documents: str = "chunk"
+    max_chunks_per_doc: int = 8
+    overlap_tokens: int = 64
+    prices_per_million_tokens: list[str] = field(
+        default_factory=lambda: ["0.6B=0.01", "4B=0.02", "8B=0.04", "default=0.01"])
+    api_keys: list[str] = field(default_factory=list)
+    max_documents_per_call: int = 1000
+    max_tokens_per_call: int = 2_000_000
+    remote_url: str = ""
+    remote_model: str = ""
+    remote_api_key_env: str = "REMOTE_RERANK_API_KEY"
+    remote_timeout: float = 60.0
+    remote_retries: int = 4
+    remote_backoff: float = 0.5
+    remote_max_documents: int = 100
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES

@@ -6,6 +6,8 @@
     ├── NotAcceptable                 406 not-supported (XML or another format asked for)
     ├── NotFound                      404 not-found  (unknown patient, job, resource type)
     ├── TooCostly                     422 too-costly (over-limit work)
+    ├── TooLarge                      413 too-costly (more tokens than one call may score)
+    ├── Unauthorized                  401 login      (rerank API: missing or wrong API key)
     ├── UpstreamError                 502 transient  (FHIR server unreachable or malformed)
     │   ├── UpstreamAuthError         401/403 passed through from the FHIR server
     │   ├── UpstreamNotFound          404 not-found
@@ -40,9 +42,12 @@ class AdapterError(Exception):
     code: str = "exception"
 
     def __init__(self, message: str, *, expression: str | None = None,
-                 status: int | None = None, headers: dict[str, str] | None = None) -> None:
+                 status: int | None = None, headers: dict[str, str] | None = None,
+                 api_code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: the rerank API's `error.code` (e.g. "unknown_field"); FHIR answers ignore it
+        self.api_code = api_code
         self.expression = expression
         self.headers = headers or {}
         if status is not None:
@@ -67,6 +72,14 @@ class NotFound(AdapterError):
 
 class TooCostly(AdapterError):
     status, code = 422, "too-costly"
+
+
+class TooLarge(AdapterError):
+    status, code = 413, "too-costly"
+
+
+class Unauthorized(AdapterError):
+    status, code = 401, "login"
 
 
 class UpstreamError(AdapterError):

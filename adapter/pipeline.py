@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from adapter.config import Settings
+from adapter.config import Settings, load_settings
 from adapter.errors import NotFound, UpstreamNotFound
-from adapter.fhir.bundle import searchset
+from adapter.fhir.bundle import add_passage_extensions, searchset
 from adapter.fhir.deadline import remaining, submit_in_context, upstream_deadline
 from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, attachment_urls, cached_text,
                                   flatten_documents, validation_outcome)
@@ -27,7 +27,8 @@ from adapter.identity import caller_identity
 from adapter.lru import LRU
 from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
-from adapter.rerank.base import Reranker, ScoreReport
+from adapter.rerank.base import Reranker, ScoreResult
+from adapter.rerank.usage import bundle_usage_extension, usage_of
 from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
 from adapter.search.budget import BUDGET_CACHE, apply_time_budget
 from adapter.search.hybrid import DOC_VECTOR_CACHE, first_stage
@@ -191,35 +192,49 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
 
 
 def rank_prepared(payload: dict[str, Any], reranker: Reranker,
-                  on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Score the prepared candidates with `reranker` and build the searchset Bundle."""
+                  on_progress: Callable[[int, int], None] | None = None,
+                  settings: Settings | None = None) -> dict[str, Any]:
+    """Score the prepared candidates with `reranker` and build the searchset Bundle (with
+    the usage, cost and scoring model in `meta.extension`, best passages on entries)."""
+    settings = settings or load_settings()
     req = payload["request"]
     links = LinkContext.from_json(payload["links"])
     outcomes = [Outcome.from_json(o) for o in payload["outcomes"]]
-    fallback = getattr(reranker, "fallback_reason", None)
     # Keyword order lists only resources that hold a word of the question; a model sees all.
     kept = [c for c in payload["candidates"] if reranker.is_model or c.get("matched", True)
             or payload.get("list_unmatched")]
     docs = [Document.from_json(c["document"]) for c in kept]
     recall_scores = [c["recall_score"] for c in kept]
-    stage = _stage_outcome(payload, req, len(docs), reranker.is_model, fallback)
-    outcomes.extend([stage] if stage else [])
     docs, recall_scores, budget_outcomes = apply_time_budget(req, docs, recall_scores, reranker)
-    outcomes.extend(budget_outcomes)
-    scores: list[float] = []
     if docs:
         with timed_stage("rerank"):
-            scores, report = _score(reranker, req["query"], req.get("instruction"), docs,
-                                    on_progress)
-        outcomes.extend(_report_outcomes(report))
-        if not reranker.is_model:
-            scores = keyword_order(recall_scores, scores)
-    elif on_progress:
-        on_progress(0, 0)
+            result = _score(reranker, req["query"], req.get("instruction"), docs,
+                            on_progress)
+    else:
+        result = reranker.score(req["query"], [])  # still says whether it is keyword order
+        if on_progress:
+            on_progress(0, 0)
+    keyword = result.keyword_reason is not None
+    stage = _stage_outcome(payload, req, len(docs), not keyword,
+                           result.keyword_reason if result.fallback else None)
+    outcomes.extend([stage] if stage else [])
+    outcomes.extend(budget_outcomes)
+    outcomes.extend(result_outcomes(result))
+    scores = keyword_order(recall_scores, result.scores) if keyword and docs else result.scores
+    spans = {d.id: span for d, span, n in zip(docs, result.spans, result.chunks) if n > 1}
     ranked = [Scored(d, s, r) for d, s, r in zip(docs, scores, recall_scores)]
     ranked = order_ranked(ranked, req.get("sort") or DEFAULT_SORT)
-    return searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,
-                     count=req["count"], offset=req["offset"], outcomes=outcomes)
+    bundle = searchset(ranked, base=links.base, endpoint=links.endpoint, params=links.params,
+                       count=req["count"], offset=req["offset"], outcomes=outcomes)
+    usage = usage_of(result, settings, scoring_model(result, req.get("model") or settings.model))
+    bundle["meta"]["extension"] = bundle_usage_extension(usage)
+    add_passage_extensions(bundle, spans)
+    return bundle
+
+
+def scoring_model(result: ScoreResult, requested: str) -> str:
+    """The name the Bundle gives the scorer: the requested model, or "bm25" for keyword order."""
+    return "bm25" if result.keyword_reason is not None else requested
 
 
 def keyword_order(recall_scores: list[float], candidate_scores: list[float]) -> list[float]:
@@ -270,12 +285,11 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
 #: Scores of whole rankings: the next page of a result (same query, same candidates) is
 #: answered without scoring again. Keyed by the reranker instance (one per model and settings
 #: in this process) and a digest of query, instruction and the candidates' ids and texts.
-SCORE_CACHE: LRU[tuple[list[float], ScoreReport]] = LRU(256, "scores")
+SCORE_CACHE: LRU[ScoreResult] = LRU(256, "scores")
 
 
 def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[Document],
-           on_progress: Callable[[int, int], None] | None
-           ) -> tuple[list[float], ScoreReport]:
+           on_progress: Callable[[int, int], None] | None) -> ScoreResult:
     digest = hashlib.sha256()
     for part in (query, instruction or "", *(f"{d.id}\0{d.text}" for d in docs)):
         digest.update(part.encode("utf-8"))
@@ -286,25 +300,33 @@ def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[D
         if on_progress:
             on_progress(len(docs), len(docs))
         return cached
-    scores = reranker.score(query, [d.text for d in docs], instruction=instruction,
+    result = reranker.score(query, [d.text for d in docs], instruction=instruction,
                             on_progress=on_progress)
-    if len(scores) != len(docs):
-        raise RuntimeError(f"reranker {reranker.name} returned {len(scores)} scores "
+    if len(result.scores) != len(docs):
+        raise RuntimeError(f"reranker {reranker.name} returned {len(result.scores)} scores "
                            f"for {len(docs)} documents")
-    SCORE_CACHE.put(key, (scores, reranker.last_report))
-    return scores, reranker.last_report
+    SCORE_CACHE.put(key, result)
+    return result
 
 
-def _report_outcomes(report: ScoreReport) -> list[Outcome]:
+def result_outcomes(result: ScoreResult) -> list[Outcome]:
+    """The warnings and notes a scoring result gives a Bundle (keyword order and a model
+    that could not load are said once, by `_stage_outcome`)."""
     out: list[Outcome] = []
-    if report.truncated_docs:
+    if result.truncated_docs:
         out.append(Outcome("warning", "too-long",
-                           f"{report.truncated_docs} document(s) were longer than the model's "
-                           f"max_length and were cut ({report.truncated_tokens} tokens dropped); "
-                           "their scores only reflect the start of the text"))
-    if report.empty_docs:
+                           f"{result.truncated_docs} document(s) were longer than the model "
+                           f"reads (max_length, max_chunks_per_doc) and were cut "
+                           f"({result.truncated_tokens} tokens dropped); their scores only "
+                           "reflect the part read"))
+    if result.chunked_docs:
         out.append(Outcome("information", "informational",
-                           f"{len(report.empty_docs)} document(s) had no text; they were scored "
+                           f"{result.chunked_docs} long document(s) were scored as overlapping "
+                           "chunks; each one's score is its best chunk's, whose span the entry's "
+                           "best-passage extension gives"))
+    if result.empty_docs:
+        out.append(Outcome("information", "informational",
+                           f"{len(result.empty_docs)} document(s) had no text; they were scored "
                            "as empty documents"))
     return out
 
@@ -312,4 +334,5 @@ def _report_outcomes(report: ScoreReport) -> list[Outcome]:
 def run_search(request: SearchRequest, source: FhirSource, reranker: Reranker,
                settings: Settings, links: LinkContext) -> dict[str, Any]:
     """The whole pipeline in one call (CLI, in-process use)."""
-    return rank_prepared(prepare_search(request, source, settings, links), reranker)
+    return rank_prepared(prepare_search(request, source, settings, links), reranker,
+                         settings=settings)

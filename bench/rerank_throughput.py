@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from adapter.rerank.base import ScoreOptions  # noqa: E402
 from adapter.rerank.qwen3 import Qwen3Reranker  # noqa: E402
 from adapter.rerank.tiny import QWEN3_VOCAB_SIZE, build_qwen_tokenizer  # noqa: E402
 from oracle_recipe import CardRecipe  # noqa: E402  (the card's recipe, line for line)
@@ -147,12 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
              args.config, non_embedding / 1e9, args.device, time.perf_counter() - started, peak)
 
     engine = Qwen3Reranker.from_model(model, tokenizer, model_name=args.config,
-                                      max_length=args.max_length, batch_tokens=args.batch_tokens)
-    seqs, _ = engine.encode_pairs(QUERY, docs, engine.instruction)
+                                      max_length=args.max_length, batch_tokens=args.batch_tokens,
+                                      options=ScoreOptions(long_documents="truncate"))
+    seqs = engine.encode_pairs(QUERY, docs, engine.instruction).rows
     tokens = sum(len(s) for s in seqs)
     log.info("%d documents, %d tokens (longest pair %d)", len(docs), tokens, max(map(len, seqs)))
     rows = {}
-    engine_scores, seconds, memory = timed(args.device, lambda: engine.score(QUERY, docs))
+    engine_scores, seconds, memory = timed(args.device, lambda: engine.score(QUERY, docs).scores)
     rows["engine"] = (seconds, memory)
     card_scores = None
     if not args.skip_card:

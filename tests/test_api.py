@@ -309,7 +309,7 @@ def test_qwen3_scores_in_the_bundle_are_the_models_scores(fhir, tiny_model_dir):
     from adapter.fhir.flatten import flatten_resource
 
     expected = engine.score("asthma", [flatten_resource(e["resource"]) for e in entries],
-                            instruction=None)
+                            instruction=None).scores
     got = [e["search"]["score"] for e in entries]
     assert got == pytest.approx(expected, abs=1e-6)
     assert got == sorted(got, reverse=True)
@@ -348,7 +348,8 @@ def test_truncated_and_empty_documents_are_reported(tmp_path, tiny_model_dir):
                                                  "entry": docs}))
     reset_rerankers()
     client = make_client(fhir_data=str(tmp_path), reranker="qwen3", model=str(tiny_model_dir),
-                         device="cpu", max_length=256, models_allowed=[str(tiny_model_dir)])
+                         device="cpu", max_length=256, models_allowed=[str(tiny_model_dir)],
+                         long_documents="truncate")
     bundle = bundle_of(client.get("/fhir/Condition?patient=p1&_content=breathless"))
     assert bundle["total"] == 2
     too_long = [i for i in outcome_issues(bundle) if i["code"] == "too-long"]

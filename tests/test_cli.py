@@ -101,7 +101,7 @@ def test_serve_refuses_to_start_when_reranker_required(tmp_path):
 
 def test_search_command_prints_a_bundle():
     proc = subprocess.run(_cli("search", "stress", "--patient", BIG, "--type", "Condition",
-                               "--count", "2", "--reranker", "none"),
+                               "--count", "2", "--reranker", "none", "--json"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     bundle = json.loads(proc.stdout)
@@ -126,7 +126,7 @@ def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen3" and config["tie_word_embeddings"] is False
-    scores = Qwen3Reranker(str(out), device="cpu", dtype="float32").score("q", ["a", "b"])
+    scores = Qwen3Reranker(str(out), device="cpu", dtype="float32").score("q", ["a", "b"]).scores
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
 
 
@@ -143,3 +143,62 @@ def test_serve_without_embedding_weights_says_so_once_and_serves_keyword_recall(
                 for i in e["resource"]["issue"] if i["severity"] == "warning"]
     assert any("dense recall is off" in w for w in warnings)
     assert [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
+
+
+def test_search_prints_a_table_by_default_with_recall_and_type():
+    proc = subprocess.run(_cli("search", "stress", "--patient", BIG, "--type", "Condition",
+                               "--count", "3", "--recall", "7", "--reranker", "none"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["#", "score", "resource", "text"]
+    assert [ln.split()[0] for ln in lines[1:4]] == ["1", "2", "3"]
+    assert all(ln.split()[2].startswith("Condition/") for ln in lines[1:4])
+    assert "7 ranked; 0 tokens, $0 (bm25, tier default)" in proc.stdout
+    assert "raise `recall`" in proc.stdout  # more matched than the 7 reranked
+
+
+def test_rerank_command_ranks_a_jsonl_file_like_the_engine(tmp_path, tiny_model_dir):
+    from adapter.rerank.qwen3 import Qwen3Reranker
+
+    docs = ["wheeze and inhaler use", "knee replacement", "asthma review, peak flow low"]
+    path = tmp_path / "notes.jsonl"
+    path.write_text("\n".join(json.dumps({"id": f"n{i}", "text": d}) for i, d in enumerate(docs))
+                    + '\n"plain string line"\n')
+    env = _env(FHIR_RERANK_DTYPE="float32", FHIR_RERANK_DEVICE="cpu")
+    proc = subprocess.run(_cli("rerank", "--query", "asthma", "--docs", str(path), "--model",
+                               str(tiny_model_dir), "--json"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    direct = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32").score(
+        "asthma", docs + ["plain string line"])
+    order = sorted(range(4), key=lambda i: (-direct.scores[i], i))
+    assert [r["index"] for r in got["results"]] == order
+    assert [r["id"] for r in got["results"]] == [["n0", "n1", "n2", "4"][i] for i in order]
+    assert got["usage"]["tokens"] == direct.total_tokens
+    table = subprocess.run(_cli("rerank", "--query", "asthma", "--docs", str(path), "--model",
+                                str(tiny_model_dir), "--top-n", "2"),
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and len(table.stdout.strip().splitlines()) == 5
+    bad = subprocess.run(_cli("rerank", "--query", "q", "--docs", str(tmp_path / "none.jsonl"),
+                              "--reranker", "none"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--docs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_version_and_help_with_examples():
+    version = subprocess.run(_cli("--version"), cwd=ROOT, env=_env(), capture_output=True,
+                             text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("fhir-rerank 0.")
+    for command in ("serve", "worker", "search", "rerank", "make-tiny-model"):
+        proc = subprocess.run(_cli(command, "--help"), cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and f"fhir-rerank {command}" in proc.stdout.split("example:")[1]
+    from adapter.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        missing = [a.dest for a in sub._actions if not a.help]
+        assert missing == [], f"{name}: options without help text: {missing}"

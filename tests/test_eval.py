@@ -114,8 +114,7 @@ def test_a_fallback_says_once_that_nothing_was_reranked() -> None:
     request = SearchRequest(query="sinusitis", patient=BIG, types=("Condition",), count=5)
     payload = prepare_search(request, make_source(settings), settings,
                              LinkContext("http://x/fhir", "$rerank"))
-    fallback = BM25OnlyReranker()
-    fallback.fallback_reason = "no weights here"  # type: ignore[attr-defined]
+    fallback = BM25OnlyReranker(fallback_reason="no weights here")
     bundle = rank_prepared(payload, fallback)
     said = [i["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
             for i in e["resource"]["issue"]]

@@ -26,7 +26,7 @@ from adapter.interop.report import InteropReport
 from fhirserver import FhirTestServer
 
 TOKEN = "interop-secret"
-MODEL = ("model-rerank", "long-note-truncated")
+MODEL = ("model-rerank", "long-note-whole")
 AUTH = ("auth-pass-through", "auth-missing-token", "auth-wrong-token")
 
 

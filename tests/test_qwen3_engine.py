@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from adapter.config import load_settings
 from adapter.errors import BadRequest, ModelLoadError
-from adapter.rerank.base import Reranker
+from adapter.rerank.base import Reranker, ScoreOptions
 from adapter.rerank.qwen3 import (Qwen3Reranker, cpu_supports_bf16, pack_by_tokens, pick_dtype,
                                   resolve_model_id)
 from adapter.rerank.tiny import make_tiny_model
@@ -45,11 +45,12 @@ def test_from_settings_uses_the_configured_model(tiny_model_dir):
 
 
 def test_scores_are_probabilities_in_input_order(reranker):
-    scores = reranker.score(QUERY, DOCS)
+    result = reranker.score(QUERY, DOCS)
+    scores = result.scores
     assert len(scores) == len(DOCS) and all(0.0 < s < 1.0 for s in scores)
-    reversed_scores = reranker.score(QUERY, DOCS[::-1])
+    reversed_scores = reranker.score(QUERY, DOCS[::-1]).scores
     assert max(abs(a - b) for a, b in zip(scores, reversed_scores[::-1])) < 1e-5
-    assert reranker.last_report.empty_docs == [len(DOCS) - 2]
+    assert result.empty_docs == [1] and result.tokens == [len(r) for r in reranker.encode_pairs(QUERY, DOCS).rows]
     assert len(set(round(s, 6) for s in scores)) == len(DOCS)
 
 
@@ -63,12 +64,12 @@ def test_progress_reports_every_batch(reranker):
 def test_empty_query_is_a_bad_request_and_no_documents_no_scores(reranker):
     with pytest.raises(BadRequest):
         reranker.score("  ", DOCS)
-    assert reranker.score(QUERY, []) == []
+    assert reranker.score(QUERY, []).scores == []
 
 
 def test_single_document_and_identical_documents(reranker):
-    one = reranker.score(QUERY, [DOCS[0]])
-    many = reranker.score(QUERY, [DOCS[0]] * 5)
+    one = reranker.score(QUERY, [DOCS[0]]).scores
+    many = reranker.score(QUERY, [DOCS[0]] * 5).scores
     assert max(abs(s - one[0]) for s in many) < 1e-5
 
 
@@ -124,8 +125,8 @@ def test_dtype_auto_follows_the_hardware():
 def test_bfloat16_engine_stays_close_to_float32(tiny_model_dir, reranker):
     bf16 = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     assert "bfloat16" in bf16.describe()
-    exact = reranker.score(QUERY, DOCS)
-    assert max(abs(a - b) for a, b in zip(bf16.score(QUERY, DOCS), exact)) < 0.05
+    exact = reranker.score(QUERY, DOCS).scores
+    assert max(abs(a - b) for a, b in zip(bf16.score(QUERY, DOCS).scores, exact)) < 0.05
 
 
 def test_max_length_outside_the_context_is_refused(tiny_model_dir):
@@ -164,27 +165,27 @@ def test_cuda_engine_matches_the_card_recipe(tiny_model_dir_untied):
     card = CardRecipe(model, AutoTokenizer.from_pretrained(tiny_model_dir_untied), max_length=128)
     expected = card.score(QUERY, DOCS, instruction="Find labs")
     exact = Qwen3Reranker(str(tiny_model_dir_untied), device="cuda", dtype="float32", max_length=128)
-    got = exact.score(QUERY, DOCS, instruction="Find labs")
+    got = exact.score(QUERY, DOCS, instruction="Find labs").scores
     assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-4
     fast = Qwen3Reranker(str(tiny_model_dir_untied), device="cuda", max_length=128)
     assert fast.dtype == torch.bfloat16
-    assert max(abs(a - b) for a, b in zip(fast.score(QUERY, DOCS, "Find labs"), expected)) < 0.05
+    assert max(abs(a - b) for a, b in zip(fast.score(QUERY, DOCS, "Find labs").scores, expected)) < 0.05
 
 
-def test_last_report_belongs_to_the_calling_thread(tiny_model_dir):
-    """Job threads share one engine: each must read the report of its own call."""
+def test_each_call_returns_its_own_result_across_threads(tiny_model_dir):
+    """Job threads share one engine: each call's result describes that call only."""
     import threading
 
-    reranker = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32", max_length=160)
-    reranker.score("q", ["word " * 200])  # one truncated document, in this thread
+    reranker = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32", max_length=160,
+                             options=ScoreOptions(long_documents="truncate"))
     seen = {}
 
     def other() -> None:
-        reranker.score("q", ["short", ""])
-        seen["report"] = reranker.last_report
+        seen["result"] = reranker.score("q", ["short", ""])
 
     thread = threading.Thread(target=other)
     thread.start()
+    mine = reranker.score("q", ["word " * 200])  # one truncated document, in this thread
     thread.join()
-    assert seen["report"].truncated_docs == 0 and seen["report"].empty_docs == [1]
-    assert reranker.last_report.truncated_docs == 1 and reranker.last_report.empty_docs == []
+    assert seen["result"].truncated_docs == 0 and seen["result"].empty_docs == [1]
+    assert mine.truncated_docs == 1 and mine.empty_docs == []

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapter.rerank.base import ScoreOptions
 from adapter.rerank.qwen3 import Qwen3Reranker
 from oracle_recipe import CARD_TASK, CardRecipe
 
@@ -47,8 +48,9 @@ def pair(request, tiny_model_dir, tiny_model_dir_untied):
 
 
 def engine(path, max_length: int, batch_tokens: int) -> Qwen3Reranker:
+    """The engine in the card's mode for long documents: truncated on the right."""
     return Qwen3Reranker(str(path), device="cpu", dtype="float32", max_length=max_length,
-                         batch_tokens=batch_tokens)
+                         batch_tokens=batch_tokens, options=ScoreOptions(long_documents="truncate"))
 
 
 @pytest.mark.parametrize("seed,max_length,batch_tokens", [
@@ -65,7 +67,7 @@ def test_engine_matches_card_recipe(pair, seed, max_length, batch_tokens):
     reranker = engine(path, max_length, batch_tokens)
     order = list(range(len(docs)))
     rng.shuffle(order)
-    got = reranker.score(QUERY, [docs[i] for i in order], instruction=CARD_TASK)
+    got = reranker.score(QUERY, [docs[i] for i in order], instruction=CARD_TASK).scores
     assert len(got) == len(docs)
     worst = max(abs(got[k] - expected[i]) for k, i in enumerate(order))
     assert worst <= TOLERANCE, f"engine differs from the card recipe by {worst:.2e}"
@@ -78,10 +80,10 @@ def test_default_and_per_request_instructions(pair):
     card = CardRecipe(model, tokenizer, max_length=512)
     reranker = engine(path, 512, 4096)
     docs = random_documents(7, 6, 30)
-    default = reranker.score(QUERY, docs)
+    default = reranker.score(QUERY, docs).scores
     assert max(abs(a - b) for a, b in zip(default, card.score(QUERY, docs, reranker.instruction))) <= TOLERANCE
     custom = "Retrieve lab results that show glycaemic control"
-    got = reranker.score(QUERY, docs, instruction=custom)
+    got = reranker.score(QUERY, docs, instruction=custom).scores
     assert max(abs(a - b) for a, b in zip(got, card.score(QUERY, docs, custom))) <= TOLERANCE
     assert max(abs(a - b) for a, b in zip(got, default)) > 1e-4
 
@@ -91,13 +93,12 @@ def test_truncation_report_counts_dropped_tokens(pair):
     max_length = 100
     reranker = engine(path, max_length, 4096)
     docs = random_documents(11, 8, 80)
-    reranker.score(QUERY, docs)
+    report = reranker.score(QUERY, docs)
     fixed = len(tokenizer.encode(CardRecipe.prefix, add_special_tokens=False)) + \
         len(tokenizer.encode(CardRecipe.suffix, add_special_tokens=False))
     lengths = [len(tokenizer(f"<Instruct>: {reranker.instruction}\n<Query>: {QUERY}\n<Document>: {d}")
                    ["input_ids"]) for d in docs]
     over = [n - (max_length - fixed) for n in lengths if n > max_length - fixed]
-    report = reranker.last_report
     assert (report.truncated_docs, report.truncated_tokens) == (len(over), sum(over))
     assert report.truncated_docs > 0
     assert report.empty_docs == [i for i, d in enumerate(docs) if not d.strip()]
@@ -127,7 +128,7 @@ def test_comparison_catches_recipe_mistakes(tiny_model_dir, variant):
         kwargs["truncation_side"] = "left"
     wrong = cls(model, tokenizer, **kwargs)
     docs = random_documents(5, 12, 60)
-    got = engine(tiny_model_dir, 120, 2048).score(QUERY, docs, instruction=CARD_TASK)
+    got = engine(tiny_model_dir, 120, 2048).score(QUERY, docs, instruction=CARD_TASK).scores
     worst = max(abs(a - b) for a, b in zip(got, wrong.score(QUERY, docs)))
     assert worst > 1e-4, f"a recipe with the wrong {variant} went unnoticed ({worst:.1e})"
 

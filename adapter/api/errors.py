@@ -1,4 +1,6 @@
-"""The one place errors become OperationOutcomes (no view builds error JSON by hand)."""
+"""The one place errors become answers (no view builds error JSON by hand): an
+OperationOutcome for the FHIR routes, `{"error": {"message", "type", "code"}}` for the
+rerank API (`/rerank`, `/v1/rerank`, `/v2/rerank`, `/v1/models`)."""
 from __future__ import annotations
 
 import logging
@@ -37,17 +39,44 @@ def answer_response(answer: ErrorAnswer) -> Response:
                             id_=answer.incident)
 
 
+_API_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+              403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+              413: "invalid_request_error", 415: "invalid_request_error",
+              422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def api_error_response(status: int, message: str, code: str,
+                       headers: dict[str, str] | None = None) -> Response:
+    """The rerank API's error answer (the shape OpenAI-style clients read)."""
+    kind = _API_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {"error": {"message": message, "type": kind, "code": code.replace("-", "_")}}
+    return Response(json.dumps(body), status=status, headers=headers or {},
+                    content_type="application/json")
+
+
+def _for_rerank_api() -> bool:
+    from adapter.api.rerank_api import is_rerank_api_path
+
+    return is_rerank_api_path(request.path)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(AdapterError)
     def _adapter_error(exc: AdapterError) -> Response:
         log.info("answered %s %s", exc.status, type(exc).__name__)
-        return answer_response(error_answer(exc))
+        answer = error_answer(exc)
+        if _for_rerank_api():
+            return api_error_response(answer.status, answer.message,
+                                      exc.api_code or answer.code, answer.headers)
+        return answer_response(answer)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "invalid" if status < 500 else "exception")
         message = exc.description or exc.name
+        if _for_rerank_api():
+            return api_error_response(status, message, code)
         headers: dict[str, str] = {}
         if status == 404:
             message = ("no such endpoint; see /fhir/metadata for the resource types and "
@@ -64,4 +93,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> Response:
-        return answer_response(error_answer(exc))
+        answer = error_answer(exc)
+        if _for_rerank_api():
+            return api_error_response(answer.status, answer.message, answer.code)
+        return answer_response(answer)

@@ -78,3 +78,19 @@ def searchset(ranked: list[Scored], *, base: str, endpoint: str,
         "link": links,
         "entry": entries,
     }
+
+
+PASSAGE_URL = "https://fhir-rerank.example.org/StructureDefinition/best-passage"
+
+
+def add_passage_extensions(bundle: dict[str, Any], spans: dict[str, tuple[int, int] | None]
+                           ) -> None:
+    """On each match entry scored as chunks, `search.extension` with the best chunk's
+    [start, end) characters in the document's flattened text (e.g. a note's best passage)."""
+    for entry in bundle["entry"]:
+        resource = entry.get("resource", {})
+        span = spans.get(f"{resource.get('resourceType')}/{resource.get('id')}")
+        if span is not None and entry["search"].get("mode") == "match":
+            entry["search"]["extension"] = [{"url": PASSAGE_URL, "extension": [
+                {"url": "start", "valueInteger": span[0]},
+                {"url": "end", "valueInteger": span[1]}]}]

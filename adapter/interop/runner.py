@@ -48,7 +48,7 @@ SCENARIOS: list[tuple[str, Callable[[InteropContext], str]]] = [
     ("unknown-patient-404", search.unknown_patient_404),
     ("content-delegation", search.content_delegation),
     ("model-rerank", api.model_rerank),
-    ("long-note-truncated", api.long_note_truncated),
+    ("long-note-whole", api.long_note_whole),
 ]
 CLEANUP = "cleanup"
 

@@ -3,7 +3,7 @@
 36 Observations, 12 Conditions and 8 DocumentReferences, spread over two years, categories and
 statuses so each filter scenario has a known subset to expect. Three notes carry made-up
 marker words found nowhere else: one as a `Binary` fetched by URL, one as base64 `data`, and
-one note long enough (≈ 10,000 tokens) to be cut at the reranker's default `max_length`.
+one note (≈ 10,000 tokens) longer than the reranker's default `max_length`, scored as chunks.
 """
 from __future__ import annotations
 

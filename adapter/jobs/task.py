@@ -30,13 +30,19 @@ TASK_NAME = "adapter.jobs.rerank"
 
 def rank_job(payload: dict[str, Any], model: str, settings: Settings,
              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Score the prepared candidates with the process-wide reranker for `model`; the Bundle."""
+    """Score the prepared candidates with the process-wide reranker for `model`; the Bundle
+    (or, for a rerank-API payload, its ScoreResult and usage)."""
     from adapter.pipeline import rank_prepared
     from adapter.rerank import get_reranker
 
     # Concurrent jobs may share the reranker: the Qwen3 engine runs one forward at a time per
-    # model, and `last_report` is per thread, so each job reads its own call's report.
-    return rank_prepared(payload, get_reranker(settings, model), on_progress=on_progress)
+    # model, and each `score` call returns its own ScoreResult.
+    if payload.get("kind") == "rerank-api":  # a /v1/rerank call: documents, no FHIR search
+        from adapter.api.rerank_jobs import run_rerank_payload
+
+        return run_rerank_payload(payload, model, settings, on_progress)
+    return rank_prepared(payload, get_reranker(settings, model), on_progress=on_progress,
+                         settings=settings)
 
 
 def job_error(exc: BaseException, settings: Settings | None = None,

@@ -1,10 +1,10 @@
 """Reranker backends and the per-process registry that loads each model once.
 
 `get_reranker(settings, model)` returns the backend named by `settings.reranker`:
-"none" → BM25 order; "qwen3" → the Qwen3-Reranker engine for `model` (a tier alias, a
+"none" → BM25 order; "remote" → a `/v1/rerank` server at `remote_url`; "qwen3" → the Qwen3-Reranker engine for `model` (a tier alias, a
 Hugging Face id or a local directory). A model that cannot be loaded either raises
-(`reranker_required = true`) or degrades to BM25 order with `fallback_reason` set, which
-the pipeline turns into a warning in every Bundle.
+(`reranker_required = true`) or degrades to BM25 order; that backend's `ScoreResult` then
+says why (`keyword_reason`, `fallback`), which the pipeline turns into a warning in every Bundle.
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import threading
 from adapter.config import Settings
 from adapter.errors import BadRequest, ModelLoadError
 from adapter.metrics import MODEL_LOADS
-from adapter.rerank.base import Reranker, ScoreReport
+from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.rerank.bm25_only import BM25OnlyReranker
 
-__all__ = ["Reranker", "ScoreReport", "get_reranker", "peek_reranker", "reset_rerankers", "BACKENDS"]
+__all__ = ["Reranker", "ScoreOptions", "ScoreResult", "get_reranker", "peek_reranker",
+           "register_reranker", "reset_rerankers", "BACKENDS"]
 
 log = logging.getLogger(__name__)
-BACKENDS = ("qwen3", "none")
+BACKENDS = ("qwen3", "none", "remote")
 _cache: dict[tuple, Reranker] = {}
 _lock = threading.Lock()
 
@@ -29,6 +30,10 @@ def _load(settings: Settings, model: str) -> Reranker:
     if settings.reranker == "none":
         MODEL_LOADS.labels("none", "loaded").inc()
         return BM25OnlyReranker()
+    if settings.reranker == "remote":
+        from adapter.rerank.remote import RemoteReranker
+
+        return RemoteReranker.from_settings(settings, model)
     if settings.reranker != "qwen3":
         raise BadRequest(f"unknown reranker {settings.reranker!r}; use one of {', '.join(BACKENDS)}")
     from adapter.rerank.qwen3 import Qwen3Reranker  # torch/transformers only when needed
@@ -37,7 +42,8 @@ def _load(settings: Settings, model: str) -> Reranker:
         loaded = Qwen3Reranker(model, device=settings.device, dtype=settings.dtype,
                                max_length=settings.max_length,
                                batch_tokens=settings.batch_tokens,
-                               instruction=settings.instruction)
+                               instruction=settings.instruction,
+                               options=ScoreOptions.from_settings(settings))
         MODEL_LOADS.labels("qwen3", "loaded").inc()
         return loaded
     except ModelLoadError as exc:
@@ -46,9 +52,14 @@ def _load(settings: Settings, model: str) -> Reranker:
             raise
         MODEL_LOADS.labels("qwen3", "fallback").inc()
         log.warning("reranker: serving BM25 order, the model is unavailable: %s", exc.message)
-        fallback = BM25OnlyReranker()
-        fallback.fallback_reason = exc.message  # type: ignore[attr-defined]
-        return fallback
+        return BM25OnlyReranker(fallback_reason=exc.message)
+
+
+def _key(settings: Settings, model: str) -> tuple:
+    return (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
+           settings.batch_tokens, settings.instruction, settings.reranker_required,
+           settings.long_documents, settings.max_chunks_per_doc, settings.overlap_tokens,
+           settings.remote_url, settings.remote_model)
 
 
 def _key(settings: Settings, model: str) -> tuple:
@@ -72,6 +83,12 @@ def get_reranker(settings: Settings, model: str | None = None) -> Reranker:
         if key not in _cache:
             _cache[key] = _load(settings, model)
         return _cache[key]
+
+
+def register_reranker(settings: Settings, model: str, reranker: Reranker) -> None:
+    """Serve an already built reranker for `model` (benchmarks with random weights)."""
+    with _lock:
+        _cache[_key(settings, model)] = reranker
 
 
 def reset_rerankers() -> None:

@@ -1,21 +1,30 @@
 """The `none` backend: no model; BM25 scores (see `ranking_scores`), mapped to [0, 1], give
-the order."""
+the order. Also what serves when the configured model cannot be loaded (`fallback_reason`)."""
 from __future__ import annotations
 
 from typing import Callable
 
-from adapter.rerank.base import Reranker, ScoreReport
+from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.search.bm25 import normalise_scores, ranking_scores
+
+CONFIGURED_REASON = "reranker = none"
 
 
 class BM25OnlyReranker(Reranker):
     name = "none"
     is_model = False
 
+    def __init__(self, fallback_reason: str | None = None) -> None:
+        super().__init__()
+        #: why the model is not there, when this backend stands in for one
+        self.fallback_reason = fallback_reason
+
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
-              on_progress: Callable[[int, int], None] | None = None) -> list[float]:
-        self.last_report = ScoreReport(empty_docs=[i for i, t in enumerate(texts) if not t.strip()])
-        scores = normalise_scores(ranking_scores(query, texts))
+              on_progress: Callable[[int, int], None] | None = None,
+              options: ScoreOptions | None = None) -> ScoreResult:
+        scores = normalise_scores(ranking_scores(query, texts)) if texts else []
         if on_progress:
             on_progress(len(texts), len(texts))
-        return scores
+        return ScoreResult(list(scores), empty_docs=[i for i, t in enumerate(texts) if not t.strip()],
+                           keyword_reason=self.fallback_reason or CONFIGURED_REASON,
+                           fallback=self.fallback_reason is not None)

@@ -1,8 +1,9 @@
 """Qwen3-Reranker through transformers: the model card's scores, computed faster.
 
 The maths is the official recipe (prefix + `<Instruct>/<Query>/<Document>` body truncated on
-the right + suffix; P(yes) = softmax([no, yes]) at the last token, in float32). What changes is
-only how it is computed:
+the right + suffix; P(yes) = softmax([no, yes]) at the last token, in float32); a document longer
+than the window is, by default, scored as overlapping token-exact chunks (adapter/rerank/
+chunking.py), its score the best chunk's. What changes is only how it is computed:
 - the tokens every pair shares (system prefix, instruction, query) run once per call and their
   keys/values are reused by every document (causal attention makes this exact);
 - documents are sorted by length and packed into batches under a padded-token budget, right
@@ -23,7 +24,8 @@ from typing import Any, Callable
 import torch
 
 from adapter.errors import BadRequest, ModelLoadError
-from adapter.rerank.base import Reranker, ScoreReport
+from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
+from adapter.rerank.chunking import PromptRows, build_rows
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ class Qwen3Reranker(Reranker):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto",
                  max_length: int = 8192, batch_tokens: int = 16384,
                  instruction: str | None = None, warmup: bool = True,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None, options: ScoreOptions | None = None) -> None:
         super().__init__()
         self.model_name = model
         self.device = pick_device(device) if loaded is None else str(loaded.device)
@@ -277,11 +279,11 @@ class Qwen3Reranker(Reranker):
             raise ValueError(f"batch_tokens {batch_tokens} must be positive")
         self.max_length, self.batch_tokens = max_length, batch_tokens
         self.instruction = instruction or DEFAULT_INSTRUCTION
+        self.options = options or ScoreOptions()
         if warmup and not self.loaded.warmed:
             self.score("warm-up", ["warm-up"])
             self._measure_speed()
             self.loaded.warmed = True
-            self.last_report = ScoreReport()
 
     #: warm-up speed probe: documents × words, about the size of short clinical records
     SPEED_PROBE = (8, 100)
@@ -318,7 +320,8 @@ class Qwen3Reranker(Reranker):
         """Build from adapter.config.Settings (model, device, dtype, max_length, …)."""
         return cls(settings.model, device=settings.device, dtype=settings.dtype,
                    max_length=settings.max_length, batch_tokens=settings.batch_tokens,
-                   instruction=settings.instruction or None)
+                   instruction=settings.instruction or None,
+                   options=ScoreOptions.from_settings(settings))
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "Qwen3Reranker":
@@ -330,41 +333,42 @@ class Qwen3Reranker(Reranker):
         dtype = str(self.dtype).replace("torch.", "")
         return f"Qwen3-Reranker ({resolve_model_id(self.model_name)}, {self.device}, {dtype})"
 
-    def encode_pairs(self, query: str, texts: list[str], instruction: str | None = None
-                     ) -> tuple[list[list[int]], ScoreReport]:
-        """Token ids of each (prefix, body truncated on the right, suffix), and what was cut."""
+    def encode_pairs(self, query: str, texts: list[str], instruction: str | None = None,
+                     options: ScoreOptions | None = None) -> PromptRows:
+        """The prompt rows to score: (prefix, body, suffix) per document, a long document as
+        overlapping token-exact chunks (or truncated on the right), and what was cut."""
         lm = self.loaded
-        bodies = [BODY.format(instruction=instruction or self.instruction, query=query, doc=t)
-                  for t in texts]
-        room = self.max_length - len(lm.prefix_ids) - len(lm.suffix_ids)
-        encoded = lm.tokenizer(bodies, padding=False, truncation=False,
-                               return_attention_mask=False)["input_ids"]
-        report = ScoreReport(empty_docs=[i for i, t in enumerate(texts) if not t.strip()])
-        seqs = []
-        for ids in encoded:
-            if len(ids) > room:
-                report.truncated_docs += 1
-                report.truncated_tokens += len(ids) - room
-            seqs.append(lm.prefix_ids + ids[:room] + lm.suffix_ids)
-        return seqs, report
+        header = BODY.format(instruction=instruction or self.instruction, query=query, doc="")
+        return build_rows(lm.tokenizer, lm.prefix_ids, lm.suffix_ids, self.max_length,
+                          [header] * len(texts), texts, options or self.options)
 
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
-              on_progress: Callable[[int, int], None] | None = None) -> list[float]:
+              on_progress: Callable[[int, int], None] | None = None,
+              options: ScoreOptions | None = None) -> ScoreResult:
         if not query or not query.strip():
-            raise BadRequest("the query is empty; give the question to rank the documents by")
+            raise BadRequest("the query is empty; give the question to rank the documents by",
+                             expression="query")
+        model = resolve_model_id(self.model_name)
         if not texts:
-            self.last_report = ScoreReport()
-            return []
-        seqs, report = self.encode_pairs(query, texts, instruction)
-        if report.truncated_docs:
-            logger.info("truncated %d of %d documents (%d tokens) to max_length %d",
-                        report.truncated_docs, len(texts), report.truncated_tokens, self.max_length)
+            return ScoreResult([], model=model)
+        plan = self.encode_pairs(query, texts, instruction, options)
+        if plan.truncated_docs:
+            logger.info("cut %d of %d documents (%d tokens) to fit max_length %d",
+                        plan.truncated_docs, len(texts), plan.truncated_tokens, self.max_length)
         with self.loaded.lock:
             started = time.perf_counter()
-            scores = self._score_sequences(seqs, on_progress)
-            self._note_speed(sum(len(s) for s in seqs), time.perf_counter() - started)
-            self.last_report = report
-        return scores
+            row_scores = self._score_sequences(plan.rows, on_progress)
+            self._note_speed(sum(len(r) for r in plan.rows), time.perf_counter() - started)
+        scores = [-1.0] * len(texts)
+        spans: list[tuple[int, int] | None] = [None] * len(texts)
+        for row, doc in enumerate(plan.owner):  # a document's score is its best chunk's
+            if row_scores[row] > scores[doc]:
+                scores[doc], spans[doc] = row_scores[row], plan.spans[row]
+        return ScoreResult(scores, tokens=plan.tokens, spans=spans, chunks=plan.chunks,
+                           truncated_docs=plan.truncated_docs,
+                           truncated_tokens=plan.truncated_tokens,
+                           empty_docs=[i for i, t in enumerate(texts) if not t.strip()],
+                           model=model)
 
     @torch.inference_mode()
     def _score_sequences(self, seqs: list[list[int]],
