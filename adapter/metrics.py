@@ -34,6 +34,12 @@ STAGE_SECONDS = Histogram("fhir_rerank_stage_duration_seconds",
 MODEL_LOADS = Counter("fhir_rerank_model_loads_total",
                       "Reranker loads by backend and outcome (loaded, fallback, failed)",
                       ["backend", "outcome"])
+USAGE_TOKENS = Counter("fhir_rerank_usage_tokens_total",
+                       "Prompt tokens scored, as billed, by API (fhir, rerank) and model tier",
+                       ["api", "tier"])
+USAGE_COST = Counter("fhir_rerank_usage_cost_usd_total",
+                     "Cost of the tokens scored at list price (USD), by API and model tier",
+                     ["api", "tier"])
 CACHE_LOOKUPS = Counter("fhir_rerank_cache_lookups_total",
                         "Per-process cache lookups by cache and result (hit, miss)",
                         ["cache", "result"])

@@ -71,6 +71,15 @@ def test_documented_examples_get_the_engines_ranking(client, engine, model, case
     assert resp.headers["X-Usage-Tokens"] == str(direct.total_tokens)
 
 
+def test_usage_reaches_the_metrics(client, model):
+    from adapter.metrics import USAGE_TOKENS
+
+    counter = USAGE_TOKENS.labels("rerank", "default")
+    before = counter._value.get()
+    resp = client.post("/v2/rerank", json={"model": model, "query": "q", "documents": ["a", "b"]})
+    assert counter._value.get() - before == int(resp.headers["X-Usage-Tokens"]) > 0
+
+
 def test_instruction_changes_the_scores(client, model):
     body = {"model": model, "query": "asthma", "documents": ["wheeze at night", "knee pain"]}
     plain = client.post("/v1/rerank", json=body).get_json()["results"]

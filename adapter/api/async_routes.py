@@ -25,7 +25,7 @@ from adapter.api.state import state
 from adapter.jobs import JobStatus
 from adapter.jobs.runners import Prepare
 from adapter.metrics import JOBS
-from adapter.rerank.usage import usage_from_bundle
+from adapter.rerank.usage import count_usage, usage_from_bundle
 
 log = logging.getLogger(__name__)
 bp = Blueprint("fhir_async", __name__, url_prefix="/fhir")
@@ -62,6 +62,8 @@ def job_response(job_id: str, status: JobStatus) -> Response:
         JOBS.labels(status.state).inc()  # each delivery of a finished job's answer
     if status.state == "done" and status.bundle is not None:
         usage = usage_from_bundle(status.bundle)
+        if usage:
+            count_usage(usage, "fhir")
         return fhir_response(status.bundle, headers=usage.headers() if usage else None)
     if status.state == "failed":
         err = status.error or {"status": 500, "code": "exception", "message": "the job failed"}

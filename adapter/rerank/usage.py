@@ -106,3 +106,11 @@ def usage_from_bundle(bundle: dict[str, Any]) -> Usage | None:
         return None
     return Usage(int(found["tokens"]), float(found["costUSD"]), str(found.get("model", "")),
                  str(found.get("tier", "")))
+
+
+def count_usage(usage: Usage, api: str) -> None:
+    """Add an answered call's tokens and cost to the metrics (API processes export them)."""
+    from adapter.metrics import USAGE_COST, USAGE_TOKENS
+
+    USAGE_TOKENS.labels(api, usage.tier).inc(usage.tokens)
+    USAGE_COST.labels(api, usage.tier).inc(usage.cost_usd)
