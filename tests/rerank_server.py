@@ -38,7 +38,7 @@ class AdapterProcess:
             try:
                 if requests.get(f"{self.url}/v1/models", headers=headers, timeout=2).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still loading the model
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"serve did not start: {self.log_path.read_text()[-2000:]}")
