@@ -59,13 +59,18 @@ def build_engine(name: str, dtype: str, max_length: int) -> Qwen3Reranker:
 
 def serve(engine: Qwen3Reranker, model: str, max_length: int) -> tuple[str, object]:
     """The app on a loopback port, its job runner scoring with `engine`."""
+    import socket
+
     from werkzeug.serving import make_server
 
+    with socket.socket() as sock:  # the port first: the app answers only Hosts on its port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     settings = load_settings({"reranker": "qwen3", "model": model, "models_allowed": [model],
-                              "device": "cpu", "max_length": max_length,
+                              "device": "cpu", "max_length": max_length, "port": port,
                               "instruction": engine.instruction}, env={})
     register_reranker(settings, model, engine)
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    server = make_server("127.0.0.1", port, create_app(settings), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.port}", server
 
