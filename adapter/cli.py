@@ -234,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rerank.set_defaults(func=cmd_rerank)
 
-    tiny = sub.add_parser("make-tiny-model",
-                          help="write a tiny random-weight Qwen3 reranker or embedding model (smoke tests)")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = _parser(sub, "make-tiny-model",
+                   "write a tiny random-weight Qwen3 reranker or embedding model (smoke tests)",
+                   "fhir-rerank make-tiny-model /tmp/tiny")
+    tiny.add_argument("out_dir", help="directory to write the checkpoint to")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     tiny.add_argument("--untied", action="store_true", help="untied lm_head, like the 8B")
     tiny.add_argument("--kind", choices=["reranker", "embedding"], default="reranker",
                       help="reranker (Qwen3-Reranker-like) or embedding (Qwen3-Embedding-like)")

@@ -306,7 +306,7 @@ class Qwen3Reranker(Reranker):
     def token_lengths(self, query: str, texts: list[str], instruction: str | None = None
                       ) -> list[int]:
         """Tokens of each (prefix, instruction, query, document, suffix) sequence as scored."""
-        return [len(seq) for seq in self.encode_pairs(query, texts, instruction)[0]]
+        return [len(seq) for seq in self.encode_pairs(query, texts, instruction).rows]
 
     def _note_speed(self, tokens: int, seconds: float) -> None:
         if tokens < self.SPEED_MIN_TOKENS and self.loaded.tokens_per_s is not None:
