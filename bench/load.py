@@ -8,7 +8,7 @@ threads, each on its own keep-alive connection, cycling through type searches an
 calls for the fixture patients (the largest has 927 resources). Per server: requests/s,
 p50 and p99 latency, errors (anything but 200, or no answer), and the RSS of the server's
 whole process tree before the load (after one warm-up pass) and after it. The production
-server runs `--workers` processes (default: the CPU count); the load is synchronous searches,
+server runs `--workers` processes (default: twice the CPU count, like `server_workers = 0` with Redis); the load is synchronous searches,
 which any process answers without Redis. Prints a table and
 writes JSON under bench/results/. Target: production ≥ 2x the development server's
 requests/s, 0 errors, RSS growth ≤ 20 %.
@@ -167,7 +167,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+    parser.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1),
                         help="gunicorn processes (server_workers); synchronous searches only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
