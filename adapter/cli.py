@@ -147,10 +147,13 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from adapter.cli_people import progress
     from adapter.rerank.tiny import make_tiny_model
 
-    path = make_tiny_model(args.out_dir, seed=args.seed, tie_word_embeddings=not args.untied,
-                           kind=args.kind)
+    with progress("make-tiny-model", unit="step") as on_progress:
+        path = make_tiny_model(args.out_dir, seed=args.seed,
+                               tie_word_embeddings=not args.untied, kind=args.kind,
+                               on_progress=on_progress)
     log.info("wrote a tiny random-weight Qwen3 %s to %s", args.kind, path)
     return 0
 

@@ -16,14 +16,14 @@ log = logging.getLogger("adapter")
 
 
 @contextlib.contextmanager
-def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+def progress(label: str, unit: str = "doc") -> Iterator[Callable[[int, int], None] | None]:
     """An `on_progress(done, total)` drawing a tqdm bar on a terminal; None elsewhere."""
     if not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
-    bar = tqdm(desc=label, unit="doc", file=sys.stderr, leave=False)
+    bar = tqdm(desc=label, unit=unit, file=sys.stderr, leave=False)
     try:
         def update(done: int, total: int) -> None:
             bar.total = total

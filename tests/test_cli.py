@@ -130,6 +130,35 @@ def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path):
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
 
 
+def test_make_tiny_model_draws_its_progress_on_a_terminal_only(tmp_path):
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    master, slave = os.openpty()  # a terminal 24 x 80 (a new pty is 0 x 0: tqdm draws nothing)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(_cli("make-tiny-model", str(tmp_path / "tty")), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    terminal = seen.decode("utf-8", "replace")
+    assert "make-tiny-model" in terminal and "3/3" in terminal, terminal[-500:]
+    piped = subprocess.run(_cli("make-tiny-model", str(tmp_path / "pipe")), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and "3/3" not in piped.stderr and "\r" not in piped.stderr
+
+
 def test_serve_without_embedding_weights_says_so_once_and_serves_keyword_recall(served, tmp_path):
     missing = str(tmp_path / "no-embedding")
     base, log = served("--reranker", "none", env=_env(FHIR_RERANK_EMBEDDER=missing,

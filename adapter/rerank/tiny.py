@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tokenizers import AddedToken
@@ -168,15 +169,18 @@ def _centre_yes_no(config: Qwen3Config, state: dict[str, torch.Tensor],
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: bool = True,
-                    kind: str = "reranker") -> Path:
+                    kind: str = "reranker",
+                    on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a tiny random Qwen3 reranker checkpoint (config, safetensors, tokenizer) to `out_dir`.
 
     Loads with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` exactly
     like a `Qwen/Qwen3-Reranker-*` directory. Deterministic for a seed; ~5 MB (tied) of bf16.
     `kind="embedding"` writes a Qwen3-Embedding-like checkpoint instead (`make_tiny_embedding`).
+    `on_progress(done, 3)` follows its steps: weights, tokenizer (the slow one), written.
     """
+    step = on_progress or (lambda done, total: None)
     if kind == "embedding":
-        return make_tiny_embedding(out_dir, seed=seed)
+        return make_tiny_embedding(out_dir, seed=seed, on_progress=on_progress)
     if kind != "reranker":
         raise ValueError(f"kind {kind!r} is not one of reranker, embedding")
     from safetensors.torch import save_file
@@ -189,11 +193,14 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, tie_word_embeddings: boo
     state = _random_state(config, seed)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    step(1, 3)
     build_qwen_tokenizer().save_pretrained(out)
+    step(2, 3)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}))
     logger.info("wrote a tiny Qwen3 reranker (seed %d, %s head) to %s", seed,
                 "tied" if tie_word_embeddings else "untied", out)
+    step(3, 3)
     return out
 
 
@@ -215,7 +222,8 @@ def _embedding_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_tiny_embedding(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_embedding(out_dir: str | Path, seed: int = 0,
+                        on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a tiny random Qwen3-Embedding checkpoint to `out_dir`: a `Qwen3Model` (no head;
     weights named like the released ones, without a `model.` prefix) in float32, and the
     real tokenizer with the embedding models' end-of-text post-processor. Loads with
@@ -243,6 +251,10 @@ def make_tiny_embedding(out_dir: str | Path, seed: int = 0) -> Path:
             state[name] = torch.randn(shape, generator=gen) * (1.5 / shape[-1] ** 0.5)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    step = on_progress or (lambda done, total: None)
+    step(1, 3)
     _embedding_tokenizer().save_pretrained(out)
+    step(2, 3)
     logger.info("wrote a tiny Qwen3 embedding model (seed %d) to %s", seed, out)
+    step(3, 3)
     return out
