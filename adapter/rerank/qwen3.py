@@ -191,6 +191,18 @@ def prepare_loaded(model: Any, tokenizer: Any, name: str = "model") -> LoadedMod
         max_positions=int(getattr(model.config, "max_position_embeddings", MAX_CONTEXT)))
 
 
+def hub_options(model_id: str) -> dict[str, bool]:
+    """`from_pretrained` options for `model_id`: the local cache only when the hub is off
+    (HF_HUB_OFFLINE) or unreachable (one 2 s probe, so an offline machine does not wait on
+    huggingface_hub's retries); nothing for a local directory or a reachable hub."""
+    offline = _hub_offline()
+    if not offline and not Path(model_id).expanduser().exists() and not _hub_reachable():
+        offline = True
+        logger.info("model hub unreachable: loading %s from the local cache only (set "
+                    "HF_HUB_OFFLINE=1 to skip this check)", model_id)
+    return {"local_files_only": True} if offline else {}
+
+
 _loaded: dict[tuple[str, str, str], LoadedModel] = {}
 _load_lock = threading.Lock()
 
@@ -204,12 +216,7 @@ def load_reranker_model(name: str, device: str, dtype: torch.dtype) -> LoadedMod
             return _loaded[key]
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        offline = _hub_offline()
-        if not offline and not Path(model_id).expanduser().exists() and not _hub_reachable():
-            offline = True
-            logger.info("model hub unreachable: loading %s from the local cache only (set "
-                        "HF_HUB_OFFLINE=1 to skip this check)", model_id)
-        hub = {"local_files_only": True} if offline else {}
+        hub = hub_options(model_id)
         try:
             config = AutoConfig.from_pretrained(model_id, **hub)
             if getattr(config, "model_type", "") != "qwen3":

@@ -28,7 +28,7 @@ from adapter.errors import ModelLoadError
 from adapter.fhir.flatten import _version_key
 from adapter.models import Document
 from adapter.search.hybrid import DOC_VECTOR_CACHE
-from adapter.rerank.qwen3 import (_attn_implementation, _hub_offline, _hub_reachable,
+from adapter.rerank.qwen3 import (_attn_implementation, _hub_offline, hub_options,
                                   pack_by_tokens)
 
 logger = logging.getLogger(__name__)
@@ -84,11 +84,7 @@ def load_embedding_model(name: str, device: str, dtype: torch.dtype) -> LoadedEm
             return _loaded[key]
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        offline = _hub_offline()
-        if not offline and not Path(model_id).expanduser().exists() and not _hub_reachable():
-            offline = True  # as the reranker: no ~25 s of hub retries on an offline machine
-            logger.info("model hub unreachable: loading %s from the local cache only", model_id)
-        hub = {"local_files_only": True} if offline else {}
+        hub = hub_options(model_id)  # as the reranker: no hub retries on an offline machine
         try:
             config = AutoConfig.from_pretrained(model_id, **hub)
             if getattr(config, "model_type", "") != "qwen3":
