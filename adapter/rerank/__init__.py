@@ -56,15 +56,12 @@ def _load(settings: Settings, model: str) -> Reranker:
 
 
 def _key(settings: Settings, model: str) -> tuple:
+    """Every setting a loaded reranker is built with: two settings that differ in any of them
+    get two instances (and two ranking-cache namespaces)."""
     return (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
-           settings.batch_tokens, settings.instruction, settings.reranker_required,
-           settings.long_documents, settings.max_chunks_per_doc, settings.overlap_tokens,
-           settings.remote_url, settings.remote_model)
-
-
-def _key(settings: Settings, model: str) -> tuple:
-    return (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
-            settings.batch_tokens, settings.instruction, settings.reranker_required)
+            settings.batch_tokens, settings.instruction, settings.reranker_required,
+            settings.long_documents, settings.max_chunks_per_doc, settings.overlap_tokens,
+            settings.remote_url, settings.remote_model)
 
 
 def peek_reranker(settings: Settings, model: str | None = None) -> Reranker | None:
