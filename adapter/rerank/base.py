@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from adapter.errors import BadRequest
+
 
 @dataclass(frozen=True)
 class ScoreOptions:
@@ -120,3 +122,10 @@ class Reranker(ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+def require_query(query: str) -> None:
+    """A model backend scores against a question: an empty one is the caller's error (400)."""
+    if not query or not query.strip():
+        raise BadRequest("the query is empty; give the question to rank the documents by",
+                         expression="query")

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from adapter.errors import BadRequest, ModelLoadError
-from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
+from adapter.errors import ModelLoadError
+from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult, require_query
 from adapter.rerank.chunking import PromptRows, build_rows
 
 logger = logging.getLogger(__name__)
@@ -134,16 +134,22 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
     return _hub_probe[endpoint]
 
 
-def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
-    """One line: what was tried, why it failed, and the three ways out."""
+def load_attempt(model_id: str, exc: BaseException) -> tuple[str, str]:
+    """(what was tried, why it failed) for a checkpoint that would not load, in one line each:
+    a local directory (present or not) or a Hugging Face id with the hub settings in force.
+    Shared by the reranker and the embedder loaders."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
     if Path(model_id).expanduser().exists():
-        tried = f"local directory {model_id!r}"
-    elif model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
-        tried, reason = f"local directory {model_id!r}", "no such directory"
-    else:
-        tried = (f"Hugging Face id {model_id!r} (HF_HUB_OFFLINE={'1' if _hub_offline() else '0'}, "
-                 f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})")
+        return f"local directory {model_id!r}", reason
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
+        return f"local directory {model_id!r}", "no such directory"
+    return (f"Hugging Face id {model_id!r} (HF_HUB_OFFLINE={'1' if _hub_offline() else '0'}, "
+            f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})"), reason
+
+
+def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
+    """One line: what was tried, why it failed, and the three ways out."""
+    tried, reason = load_attempt(model_id, exc)
     return ModelLoadError(
         f"could not load Qwen3-Reranker {name!r}: tried {tried}: {reason}. Fix: download it once "
         f"with network access (unset HF_HUB_OFFLINE), set `model` to a local directory holding a "
@@ -352,9 +358,7 @@ class Qwen3Reranker(Reranker):
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
               on_progress: Callable[[int, int], None] | None = None,
               options: ScoreOptions | None = None) -> ScoreResult:
-        if not query or not query.strip():
-            raise BadRequest("the query is empty; give the question to rank the documents by",
-                             expression="query")
+        require_query(query)
         model = resolve_model_id(self.model_name)
         if not texts:
             return ScoreResult([], model=model)

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import requests
 
-from adapter.errors import BadRequest, UpstreamError, UpstreamThrottled, UpstreamTimeout
-from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
+from adapter.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout
+from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult, require_query
 
 log = logging.getLogger(__name__)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -81,9 +81,7 @@ class RemoteReranker(Reranker):
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
               on_progress: Callable[[int, int], None] | None = None,
               options: ScoreOptions | None = None) -> ScoreResult:
-        if not query or not query.strip():
-            raise BadRequest("the query is empty; give the question to rank the documents by",
-                             expression="query")
+        require_query(query)
         scores: list[float] = [0.0] * len(texts)
         tokens: list[int] = [0] * len(texts)
         spans: list[tuple[int, int] | None] = [None] * len(texts)

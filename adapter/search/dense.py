@@ -19,7 +19,6 @@ import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,7 +27,7 @@ from adapter.errors import ModelLoadError
 from adapter.fhir.flatten import _version_key
 from adapter.models import Document
 from adapter.search.hybrid import DOC_VECTOR_CACHE
-from adapter.rerank.qwen3 import (_attn_implementation, _hub_offline, hub_options,
+from adapter.rerank.qwen3 import (_attn_implementation, hub_options, load_attempt,
                                   pack_by_tokens)
 
 logger = logging.getLogger(__name__)
@@ -62,13 +61,7 @@ _load_lock = threading.Lock()
 
 
 def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".")
-    if Path(model_id).expanduser().exists():
-        tried = f"local directory {model_id!r}"
-    elif model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
-        tried, reason = f"local directory {model_id!r}", "no such directory"
-    else:
-        tried = f"Hugging Face id {model_id!r} (HF_HUB_OFFLINE={'1' if _hub_offline() else '0'})"
+    tried, reason = load_attempt(model_id, exc)
     return ModelLoadError(
         f"could not load Qwen3-Embedding {name!r}: tried {tried}: {reason}. Fix: download it "
         f"once with network access, set `embedder` to a local directory holding a "
