@@ -30,11 +30,11 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     from adapter.api.state import AppState
     from adapter.config import Settings, load_settings
     from adapter.fhir import make_source
-    from adapter.pipeline import apply_cache_size
     from adapter.jobs import make_job_runner
+    from adapter.runtime import Runtime
 
     settings = config if isinstance(config, Settings) else load_settings(config)
-    apply_cache_size(settings.doc_cache_size)
+    runtime = Runtime(settings)  # this app's caches and models, shared with no other app
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -42,8 +42,9 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     # Host header): such paths are a plain 404 OperationOutcome.
     app.url_map.merge_slashes = False
     app.extensions["fhir_rerank"] = AppState(settings, source or make_source(settings),
-                                             jobs=make_job_runner(settings),
-                                             trusted_hosts=trusted_hosts(settings))
+                                             jobs=make_job_runner(settings, runtime),
+                                             trusted_hosts=trusted_hosts(settings),
+                                             runtime=runtime)
     register_request_hooks(app)
     app.before_request(check_host)
     register_error_handlers(app)

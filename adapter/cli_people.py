@@ -79,11 +79,11 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 def cmd_rerank(args: Any, settings: Any) -> int:
     """Rank the documents of a JSONL file by a query with the configured reranker."""
     from adapter.pipeline import scoring_model
-    from adapter.rerank import get_reranker
     from adapter.rerank.usage import format_usd, usage_of
+    from adapter.runtime import Runtime
 
     ids, texts = read_documents(args.docs)
-    reranker = get_reranker(settings, args.model)
+    reranker = Runtime(settings).reranker(args.model)
     with progress("reranking") as bar:
         result = reranker.score(args.query, texts, args.instruction, on_progress=bar)
     usage = usage_of(result, settings, scoring_model(result, args.model or settings.model))

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from adapter.config import Settings
+from adapter.runtime import Runtime
 
 
 @dataclass
@@ -84,7 +85,7 @@ def probe_workers(settings: Settings) -> Check:
     from adapter.jobs import live_workers
 
     try:
-        consumers = live_workers(settings, cached=False)
+        consumers = live_workers(settings)
     except Exception as exc:  # broker down: redis errors of several kinds
         return Check("workers", False, f"could not ask the workers ({type(exc).__name__})")
     missing = [(q, models) for q, models in expected_queues(settings).items()
@@ -97,13 +98,12 @@ def probe_workers(settings: Settings) -> Check:
     return Check("workers", True, live)
 
 
-def probe_models(settings: Settings) -> Check:
-    """In-process mode: each allowed model's reranker is loaded in this process."""
-    from adapter.rerank import peek_reranker
-
+def probe_models(runtime: Runtime) -> Check:
+    """In-process mode: each allowed model's reranker is loaded in the app's runtime."""
+    settings = runtime.settings
     parts, ok = [], True
     for model in dict.fromkeys([settings.model, *settings.models_allowed]):
-        reranker = peek_reranker(settings, model)
+        reranker = runtime.loaded_reranker(model)
         if reranker is None:
             ok = False
             parts.append(f"{model}: not loaded")
@@ -114,12 +114,12 @@ def probe_models(settings: Settings) -> Check:
     return Check("models", ok, "; ".join(parts))
 
 
-def readiness(settings: Settings, source: Any, jobs: Any) -> list[Check]:
+def readiness(settings: Settings, source: Any, runtime: Runtime) -> list[Check]:
     checks = [probe_source(source, settings.readyz_timeout)]
     if settings.redis_url:
         checks.append(probe_redis(settings))
         checks.append(probe_workers(settings) if checks[-1].ok else
                       Check("workers", False, "unknown: Redis is unreachable"))
     else:
-        checks.append(probe_models(settings))
+        checks.append(probe_models(runtime))
     return checks

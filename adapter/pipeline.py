@@ -6,6 +6,9 @@ It is split in two halves so the expensive half can run as a Celery task:
   resources, flattens them and keeps the BM25 candidates. Its result is plain JSON.
 - `rank_prepared` (a worker, or in-process) scores the candidates with the reranker and
   returns the searchset Bundle. It needs nothing but that JSON and a reranker.
+
+Both take the caller's `adapter.runtime.Runtime` (its caches and models); without one, a
+runtime for that call alone is used (nothing is remembered between calls).
 """
 from __future__ import annotations
 
@@ -19,19 +22,18 @@ from adapter.config import Settings, load_settings
 from adapter.errors import NotFound, UpstreamNotFound
 from adapter.fhir.bundle import add_passage_extensions, searchset
 from adapter.fhir.deadline import remaining, submit_in_context, upstream_deadline
-from adapter.fhir.flatten import (FLATTEN_CACHE, PROBLEMS_CACHE, attachment_urls, cached_text,
-                                  flatten_documents, validation_outcome)
+from adapter.fhir.flatten import (attachment_urls, cached_text, flatten_documents,
+                                  validation_outcome)
 from adapter.fhir.search_params import filters_for
 from adapter.fhir.source import FhirSource
 from adapter.identity import caller_identity
-from adapter.lru import LRU
 from adapter.metrics import timed_stage
 from adapter.models import Document, FetchResult, Outcome, Scored, SearchRequest
 from adapter.rerank.base import Reranker, ScoreResult
 from adapter.rerank.usage import bundle_usage_extension, usage_of
-from adapter.search.bm25 import INDEX_CACHE, TOKEN_CACHE
-from adapter.search.budget import BUDGET_CACHE, apply_time_budget
-from adapter.search.hybrid import DOC_VECTOR_CACHE, first_stage
+from adapter.runtime import Runtime
+from adapter.search.budget import apply_time_budget
+from adapter.search.hybrid import first_stage
 from adapter.search.ordering import DEFAULT_SORT, order_ranked
 
 log = logging.getLogger(__name__)
@@ -54,17 +56,6 @@ class LinkContext:
         return cls(data["base"], data["endpoint"], [tuple(p) for p in data["params"]])
 
 
-def apply_cache_size(entries: int) -> None:
-    """Bound the per-process caches of flattened text and BM25 tokens (0 turns them off)."""
-    FLATTEN_CACHE.resize(entries)
-    PROBLEMS_CACHE.resize(entries)
-    TOKEN_CACHE.resize(entries)
-    INDEX_CACHE.resize(32 if entries > 0 else 0)
-    SCORE_CACHE.resize(256 if entries > 0 else 0)
-    DOC_VECTOR_CACHE.resize(entries)
-    BUDGET_CACHE.resize(256 if entries > 0 else 0)
-
-
 def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[str, str]]:
     """The FHIR search parameters sent upstream for one type: patient plus the filters that
     type defines (`$rerank?clinical-status=active` filters Conditions, not Observations —
@@ -78,19 +69,20 @@ def upstream_params(request: SearchRequest, resource_type: str) -> list[tuple[st
     return params
 
 
-def collect_documents(request: SearchRequest, source: FhirSource,
-                      settings: Settings) -> tuple[list[Document], list[Outcome]]:
+def collect_documents(request: SearchRequest, source: FhirSource, settings: Settings,
+                      runtime: Runtime | None = None) -> tuple[list[Document], list[Outcome]]:
     """Fetch the requested types concurrently and flatten them, all the upstream work (pages
     and attachments) within one `upstream_deadline`; past it, a 504.
 
     Returns (documents, outcomes). An unknown patient is a 404.
     """
+    caches = (runtime or Runtime(settings)).caches
     with upstream_deadline(settings.upstream_deadline):
-        return _collect_documents(request, source, settings)
+        return _collect_documents(request, source, settings, caches)
 
 
-def _collect_documents(request: SearchRequest, source: FhirSource,
-                       settings: Settings) -> tuple[list[Document], list[Outcome]]:
+def _collect_documents(request: SearchRequest, source: FhirSource, settings: Settings,
+                       caches: Any) -> tuple[list[Document], list[Outcome]]:
     searches = [(t, upstream_params(request, t)) for t in request.types]
     limit = settings.max_resources
     with timed_stage("fetch"):
@@ -102,14 +94,16 @@ def _collect_documents(request: SearchRequest, source: FhirSource,
     attachment_loader = prefetch_attachments(
         source, request.authorization, caller,
         [(r, u) for t in request.types for r, u in zip(results[t].resources,
-                                                       results[t].full_urls)])
+                                                       results[t].full_urls)],
+        caches.flattened)
     for resource_type in request.types:
         result = results[resource_type]
         outcomes.extend(result.outcomes)
         with timed_stage("flatten"):
             docs, flat_outcomes = flatten_documents(result.resources, result.full_urls,
                                                     attachment_loader=attachment_loader,
-                                                    validate=False, caller=caller)
+                                                    validate=False, caller=caller,
+                                                    caches=caches)
         documents.extend(d for d in docs if d.type == resource_type)
         outcomes.extend(flat_outcomes)
     if request.patient and not documents:
@@ -127,14 +121,14 @@ ATTACHMENT_FETCHES = 8  # attachments fetched at once for one search
 
 
 def prefetch_attachments(source: FhirSource, authorization: str | None, caller: str,
-                         resources: list[tuple[dict, str]]
+                         resources: list[tuple[dict, str]], cache: Any = None
                          ) -> Callable[[str], tuple[str, bytes] | None]:
     """Fetch, concurrently and within the search's deadline, the attachments (by URL) of the
     resources whose text this caller has not cached; the loader flatten then reads from."""
     wanted: list[str] = []
     for resource, full_url in resources:
         found = attachment_urls(resource)  # most resources have none: skip the cache lookup
-        if found and cached_text(resource, full_url, caller) is None:
+        if found and cached_text(resource, full_url, caller, cache) is None:
             wanted.extend(found)
     urls = list(dict.fromkeys(wanted))
     fetched: dict[str, tuple[str, bytes] | None] = {}
@@ -157,13 +151,14 @@ def prefetch_attachments(source: FhirSource, authorization: str | None, caller: 
 
 
 def prepare_search(request: SearchRequest, source: FhirSource, settings: Settings,
-                   links: LinkContext, on_stage: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   links: LinkContext, on_stage: Callable[[str], None] | None = None, *,
+                   runtime: Runtime | None = None) -> dict[str, Any]:
     """Fetch, flatten and recall; return the JSON payload that `rank_prepared` consumes.
     `on_stage("recall")` is called once the upstream work is done (async job progress)."""
+    runtime = runtime or Runtime(settings)
     if on_stage:
         on_stage("fetching")
-    documents, outcomes = collect_documents(request, source, settings)
+    documents, outcomes = collect_documents(request, source, settings, runtime)
     if on_stage:
         on_stage("recall")
     for doc in documents:  # sources without URLs of their own (files) give "Type/id"
@@ -172,9 +167,10 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
     with timed_stage("recall"):  # the order matters only when a time budget cuts it
         candidates, matched, recall_outcomes = first_stage(
             request.query, documents, request.recall, settings,
-            ordered=request.rerank_budget_s > 0)
+            ordered=request.rerank_budget_s > 0, runtime=runtime)
     outcomes.extend(recall_outcomes)
-    lenient = validation_outcome([d for d, _, _ in candidates])  # R4B check, candidates only
+    lenient = validation_outcome([d for d, _, _ in candidates],  # R4B check, candidates only
+                                 runtime.caches.problems)
     if lenient:
         outcomes.append(lenient)
     return {
@@ -193,10 +189,13 @@ def prepare_search(request: SearchRequest, source: FhirSource, settings: Setting
 
 def rank_prepared(payload: dict[str, Any], reranker: Reranker,
                   on_progress: Callable[[int, int], None] | None = None,
-                  settings: Settings | None = None) -> dict[str, Any]:
+                  settings: Settings | None = None, *, runtime: Runtime | None = None
+                  ) -> dict[str, Any]:
     """Score the prepared candidates with `reranker` and build the searchset Bundle (with
-    the usage, cost and scoring model in `meta.extension`, best passages on entries)."""
-    settings = settings or load_settings()
+    the usage, cost and scoring model in `meta.extension`, best passages on entries).
+    `runtime` keeps whole rankings (the next page is not scored again) and budget cuts."""
+    settings = settings or (runtime.settings if runtime else load_settings())
+    caches = runtime.caches if runtime else None
     req = payload["request"]
     links = LinkContext.from_json(payload["links"])
     outcomes = [Outcome.from_json(o) for o in payload["outcomes"]]
@@ -205,11 +204,12 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
             or payload.get("list_unmatched")]
     docs = [Document.from_json(c["document"]) for c in kept]
     recall_scores = [c["recall_score"] for c in kept]
-    docs, recall_scores, budget_outcomes = apply_time_budget(req, docs, recall_scores, reranker)
+    docs, recall_scores, budget_outcomes = apply_time_budget(
+        req, docs, recall_scores, reranker, caches.budgets if caches else None)
     if docs:
         with timed_stage("rerank"):
             result = _score(reranker, req["query"], req.get("instruction"), docs,
-                            on_progress)
+                            on_progress, caches.scores if caches else None)
     else:
         result = reranker.score(req["query"], [])  # still says whether it is keyword order
         if on_progress:
@@ -282,20 +282,18 @@ def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is
                    ("recall",) if matched > listed else ())
 
 
-#: Scores of whole rankings: the next page of a result (same query, same candidates) is
-#: answered without scoring again. Keyed by the reranker instance (one per model and settings
-#: in this process) and a digest of query, instruction and the candidates' ids and texts.
-SCORE_CACHE: LRU[ScoreResult] = LRU(256, "scores")
-
-
 def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[Document],
-           on_progress: Callable[[int, int], None] | None) -> ScoreResult:
+           on_progress: Callable[[int, int], None] | None, cache: Any = None) -> ScoreResult:
+    """The reranker's result, or the one `cache` (a runtime's `Caches.scores`) kept for the
+    same ranking: the next page of a result (same query, same candidates) is answered without
+    scoring again. Keyed by the reranker instance (one per model and settings in a runtime)
+    and a digest of query, instruction and the candidates' ids and texts."""
     digest = hashlib.sha256()
     for part in (query, instruction or "", *(f"{d.id}\0{d.text}" for d in docs)):
         digest.update(part.encode("utf-8"))
         digest.update(b"\1")
     key = (reranker.instance_id, digest.hexdigest())
-    cached = SCORE_CACHE.get(key)
+    cached = cache.get(key) if cache is not None else None
     if cached is not None:
         if on_progress:
             on_progress(len(docs), len(docs))
@@ -305,7 +303,8 @@ def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[D
     if len(result.scores) != len(docs):
         raise RuntimeError(f"reranker {reranker.name} returned {len(result.scores)} scores "
                            f"for {len(docs)} documents")
-    SCORE_CACHE.put(key, result)
+    if cache is not None:
+        cache.put(key, result)
     return result
 
 
@@ -332,7 +331,9 @@ def result_outcomes(result: ScoreResult) -> list[Outcome]:
 
 
 def run_search(request: SearchRequest, source: FhirSource, reranker: Reranker,
-               settings: Settings, links: LinkContext) -> dict[str, Any]:
+               settings: Settings, links: LinkContext, runtime: Runtime | None = None
+               ) -> dict[str, Any]:
     """The whole pipeline in one call (CLI, in-process use)."""
-    return rank_prepared(prepare_search(request, source, settings, links), reranker,
-                         settings=settings)
+    runtime = runtime or Runtime(settings)
+    return rank_prepared(prepare_search(request, source, settings, links, runtime=runtime),
+                         reranker, settings=settings, runtime=runtime)

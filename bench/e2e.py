@@ -33,7 +33,7 @@ from adapter import create_app  # noqa: E402
 from adapter.config import load_settings  # noqa: E402
 from adapter.fhir.client import FhirRestSource  # noqa: E402
 from adapter.models import RESOURCE_TYPES  # noqa: E402
-from adapter.pipeline import apply_cache_size  # noqa: E402
+from adapter.api.state import state_of  # noqa: E402
 from fhirserver import FhirTestServer, fixture_load_paths, fixture_patients  # noqa: E402
 import recall as recall_bench  # noqa: E402
 
@@ -60,7 +60,8 @@ def run(n_queries: int = 10, sizes: tuple[int, ...] = (1000, 10000, 100000)) -> 
         source = FhirRestSource.from_settings(settings)
         searches = [(t, [("patient", patient["id"])]) for t in RESOURCE_TYPES]
         fetched = sum(len(r.resources) for r in source.search_many(searches).values())
-        client = create_app(settings).test_client()
+        app = create_app(settings)
+        client = app.test_client()
         queries = (QUERIES * ((n_queries // len(QUERIES)) + 1))[:n_queries]
 
         def full_search(query: str) -> None:
@@ -73,8 +74,7 @@ def run(n_queries: int = 10, sizes: tuple[int, ...] = (1000, 10000, 100000)) -> 
         for query in queries:  # interleaved, so server-side drift hits every column alike
             bare.append(_median_time(lambda: source.search_many(searches), 1))
             warm.append(_median_time(lambda q=query: full_search(q), 1))
-            apply_cache_size(0)  # a patient's first search: nothing flattened or indexed yet
-            apply_cache_size(settings.doc_cache_size)
+            state_of(app).runtime.caches.clear()  # a first search: nothing flattened yet
             cold.append(_median_time(lambda q=query: full_search(q), 1))
     finally:
         server.stop()

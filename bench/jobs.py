@@ -31,7 +31,6 @@ for extra in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(extra))
 
 from adapter.config import Settings, load_settings  # noqa: E402
-from adapter.pipeline import apply_cache_size  # noqa: E402
 from adapter.fhir import make_source  # noqa: E402
 from adapter.jobs import InProcessJobRunner, JobRunner  # noqa: E402
 from adapter.jobs.celery_runner import CeleryJobRunner  # noqa: E402
@@ -141,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                  "models_allowed": [model], "device": "cpu",
                  "doc_cache_size": 0}  # every job scores for real: no cached rankings
     settings = load_settings(overrides, env={})
-    apply_cache_size(0)
     rows = []
     try:
         pool.start("bench", ["rerank.default"], overrides, concurrency=2)

@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from adapter import create_app  # noqa: E402
 from adapter.config import load_settings  # noqa: E402
-from adapter.rerank import register_reranker, reset_rerankers  # noqa: E402
+from adapter.api.state import state_of  # noqa: E402
 from adapter.rerank.qwen3 import Qwen3Reranker  # noqa: E402
 from adapter.rerank.tiny import build_qwen_tokenizer, make_tiny_model  # noqa: E402
 from rerank_throughput import QUERY, WORDS, random_model  # noqa: E402
@@ -69,8 +69,9 @@ def serve(engine: Qwen3Reranker, model: str, max_length: int) -> tuple[str, obje
     settings = load_settings({"reranker": "qwen3", "model": model, "models_allowed": [model],
                               "device": "cpu", "max_length": max_length, "port": port,
                               "instruction": engine.instruction}, env={})
-    register_reranker(settings, model, engine)
-    server = make_server("127.0.0.1", port, create_app(settings), threaded=True)
+    app = create_app(settings)
+    state_of(app).runtime.register_reranker(engine, model)
+    server = make_server("127.0.0.1", port, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.port}", server
 
@@ -103,7 +104,6 @@ def run(name: str, args: argparse.Namespace) -> dict:
         tokens = answer["usage"]["total_tokens"]
         log.info("%s: direct %.3f s, /v1/rerank %.3f s", name, direct_s[-1], api_s[-1])
     server.shutdown()
-    reset_rerankers()
     row = {"model": name, "docs": len(docs), "tokens": tokens,
            "words_per_doc": list(words), "repeats": args.repeats,
            "direct_s": statistics.median(direct_s), "api_s": statistics.median(api_s),

@@ -15,7 +15,6 @@ import pytest
 from adapter import create_app
 from adapter.config import load_settings
 from adapter.fhir.source import FhirSource
-from adapter.rerank import reset_rerankers
 
 BIG = "79a66c97-6131-3213-f3c9-4606946ab056"  # Synthea bulk patient: 708 notes, 219 conditions
 FHIR_JSON = "application/fhir+json"
@@ -297,7 +296,6 @@ def test_exact_bm25_order_on_a_tiny_record(tmp_path):
 def test_qwen3_scores_in_the_bundle_are_the_models_scores(fhir, tiny_model_dir):
     from adapter.rerank.qwen3 import Qwen3Reranker
 
-    reset_rerankers()
     client = make_client(fhir_base_url=fhir.base_url, reranker="qwen3",
                          model=str(tiny_model_dir), device="cpu", dtype="float32",
                          models_allowed=[str(tiny_model_dir)])
@@ -315,26 +313,24 @@ def test_qwen3_scores_in_the_bundle_are_the_models_scores(fhir, tiny_model_dir):
     assert got == sorted(got, reverse=True)
 
     # Paging: the next page reuses the ranking's scores instead of running the model again.
-    from adapter.pipeline import SCORE_CACHE
+    from adapter.api.state import state_of
 
-    SCORE_CACHE.clear()
+    scores = state_of(client.application).runtime.caches.scores
+    scores.clear()
     url = f"/fhir/Condition?patient={BIG}&_content=asthma&recall=12&_count=6"
     first = bundle_of(client.get(url))
     second = bundle_of(client.get(url + "&_offset=6"))
-    assert len(SCORE_CACHE) == 1
+    assert len(scores) == 1
     assert [e["search"]["score"] for e in matches(first) + matches(second)] == got
 
 
 def test_unloadable_model_falls_back_with_warning_or_fails_when_required(tmp_path):
-    reset_rerankers()
     missing = str(tmp_path / "no-model-here")
     client = make_client(reranker="qwen3", model=missing, models_allowed=[missing])
     bundle = bundle_of(client.get(f"/fhir/Condition?patient={BIG}&_content=x&_count=2"))
     assert any("BM25 order" in i["diagnostics"] for i in outcome_issues(bundle))
-    reset_rerankers()
     strict = make_client(reranker="qwen3", model=missing, reranker_required=True)
     assert_outcome(strict.get(f"/fhir/Condition?patient={BIG}&_content=x"), 503, "transient")
-    reset_rerankers()
 
 
 def test_truncated_and_empty_documents_are_reported(tmp_path, tiny_model_dir):
@@ -346,7 +342,6 @@ def test_truncated_and_empty_documents_are_reported(tmp_path, tiny_model_dir):
                           "code": {"text": "Asthma"}}}]
     (tmp_path / "b.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
                                                  "entry": docs}))
-    reset_rerankers()
     client = make_client(fhir_data=str(tmp_path), reranker="qwen3", model=str(tiny_model_dir),
                          device="cpu", max_length=256, models_allowed=[str(tiny_model_dir)],
                          long_documents="truncate")
@@ -354,4 +349,3 @@ def test_truncated_and_empty_documents_are_reported(tmp_path, tiny_model_dir):
     assert bundle["total"] == 2
     too_long = [i for i in outcome_issues(bundle) if i["code"] == "too-long"]
     assert len(too_long) == 1 and too_long[0]["diagnostics"].startswith("1 document(s)")
-    reset_rerankers()

@@ -8,7 +8,7 @@ from adapter.config import load_settings
 from adapter.errors import BadRequest
 from adapter.fhir.clinical_date import clinical_date, parse_fhir_datetime
 from adapter.models import Document, Scored
-from adapter.search.budget import BUDGET_CACHE, apply_time_budget, candidates_within
+from adapter.search.budget import apply_time_budget, candidates_within
 from adapter.search.ordering import order_ranked, parse_sort
 
 MICAH = "720b9118-3153-40c8-b162-cd963506be0e"
@@ -45,7 +45,6 @@ def test_time_budget_with_the_qwen3_engine_keeps_what_its_measured_speed_allows(
     docs = _docs(8)
     lengths = reranker.token_lengths("kidney function", [d.text for d in docs])
     assert lengths == sorted(lengths) and lengths[0] > 5  # whole sequences, longer docs longer
-    BUDGET_CACHE.clear()
     budget = (sum(lengths[:3]) + 0.5) / speed  # three candidates' tokens, not four
     req = {"query": "kidney function", "instruction": None, "rerank_budget_s": budget}
     kept, scores, outcomes = apply_time_budget(req, docs, list(range(8)), reranker)
@@ -91,7 +90,6 @@ def test_budget_parameter_and_setting():
 def test_api_reports_a_budget_cut(tiny_model_dir):
     from test_api import bundle_of, make_client, matches, outcome_issues
 
-    BUDGET_CACHE.clear()
     client = make_client(reranker="qwen3", model=str(tiny_model_dir), device="cpu",
                          dtype="float32")
     url = f"/fhir/Patient/{MICAH}/$rerank?query=kidney&_count=200&rerank_budget_s=0.000001"

@@ -11,7 +11,6 @@ import pytest
 
 from adapter import create_app
 from adapter.config import load_settings
-from adapter.fhir.flatten import FLATTEN_CACHE
 
 BIG = "79a66c97-6131-3213-f3c9-4606946ab056"
 
@@ -64,7 +63,6 @@ def hanging_attachments(fhir):
 
 def test_attachments_are_fetched_concurrently_within_the_deadline(fhir, hanging_attachments):
     pid, tag = hanging_attachments
-    FLATTEN_CACHE.clear()
     fhir.inject_fault(delay=1.5, times=4, path_contains=f"Binary/hang-{tag}")
     client = client_for(fhir, fhir_timeout=10, upstream_deadline=20)
     started = time.monotonic()
@@ -76,7 +74,6 @@ def test_attachments_are_fetched_concurrently_within_the_deadline(fhir, hanging_
 
     # A deadline shorter than the attachments: the search still answers, in time, and the
     # attachments it could not wait for are named as not loaded.
-    FLATTEN_CACHE.clear()
     fhir.inject_fault(delay=3, times=4, path_contains=f"Binary/hang-{tag}")
     client = client_for(fhir, fhir_timeout=10, upstream_deadline=1.5)
     started = time.monotonic()

@@ -12,7 +12,8 @@ from adapter.config import load_settings
 from adapter.models import Document
 from adapter.search.dense import Qwen3Embedder, load_embedding_model
 from adapter.search.fusion import reciprocal_rank_fusion
-from adapter.search.hybrid import DOC_VECTOR_CACHE, first_stage, reset_embedders
+from adapter.runtime import Runtime
+from adapter.search.hybrid import first_stage
 from oracle_embedding import card_embeddings, load_card_model
 
 TASK = "Given a clinician's question, find the record entries that answer it"
@@ -111,20 +112,22 @@ def _docs(texts: list[str], version: str = "1") -> list[Document]:
 
 @pytest.fixture()
 def dense_settings(tiny_embedding_dir):
-    reset_embedders()
-    DOC_VECTOR_CACHE.clear()
-    yield load_settings({"embedder": str(tiny_embedding_dir), "device": "cpu",
-                         "dtype": "float32", "embedder_instruction": TASK}, env={})
-    reset_embedders()
+    return load_settings({"embedder": str(tiny_embedding_dir), "device": "cpu",
+                          "dtype": "float32", "embedder_instruction": TASK}, env={})
 
 
-def test_first_stage_fuses_keyword_and_dense_rankings(dense_settings):
+@pytest.fixture()
+def runtime(dense_settings):
+    """A fresh runtime: its own embedder and an empty document-vector cache."""
+    return Runtime(dense_settings)
+
+
+def test_first_stage_fuses_keyword_and_dense_rankings(dense_settings, runtime):
     texts = random_documents(7, 12, 12) + ["potassium serum 4.1 mmol/L"]
     docs = _docs(texts)
-    from adapter.search.hybrid import get_embedder
-
-    dense_order = [docs[i].id for i, _ in get_embedder(dense_settings).rank("potassium", docs)]
-    candidates, matched, outcomes = first_stage("potassium", docs, 5, dense_settings)
+    dense_order = [docs[i].id for i, _ in runtime.embedder().rank("potassium", docs)]
+    candidates, matched, outcomes = first_stage("potassium", docs, 5, dense_settings,
+                                                runtime=runtime)
     ids = [d.id for d, _, _ in candidates]
     # only the last document has the word: it is in both rankings, so it leads; the rest are
     # the dense ranking's order (each only in that ranking), cut to k = 5
@@ -138,48 +141,54 @@ def test_first_stage_fuses_keyword_and_dense_rankings(dense_settings):
     assert [d.id for d, _, _ in keyword_only][1:] != ids[1:]  # BM25 alone: the rest by id
 
 
-def test_dense_ranking_is_skipped_when_every_document_is_reranked_anyway(dense_settings):
+def test_dense_ranking_is_skipped_when_every_document_is_reranked_anyway(dense_settings,
+                                                                         runtime):
     docs = _docs(["potassium serum", "sodium", "glucose"])
-    unordered = first_stage("potassium", docs, 5, dense_settings, ordered=False)[0]
-    assert len(DOC_VECTOR_CACHE) == 0  # nothing embedded: all three are candidates anyway
+    vectors = runtime.caches.vectors
+    unordered = first_stage("potassium", docs, 5, dense_settings, ordered=False,
+                            runtime=runtime)[0]
+    assert len(vectors) == 0  # nothing embedded: all three are candidates anyway
     assert [d.id for d, _, _ in unordered] == ["Observation/o0", "Observation/o1",
                                                "Observation/o2"]
-    ordered = first_stage("potassium", docs, 5, dense_settings)[0]
-    assert len(DOC_VECTOR_CACHE) == 3 and {d.id for d, _, _ in ordered} == {d.id for d in docs}
+    ordered = first_stage("potassium", docs, 5, dense_settings, runtime=runtime)[0]
+    assert len(vectors) == 3 and {d.id for d, _, _ in ordered} == {d.id for d in docs}
 
 
-def test_document_vectors_are_cached_per_resource_version(dense_settings):
-    from adapter.search.hybrid import get_embedder
-
-    embedder = get_embedder(dense_settings)
+def test_document_vectors_are_cached_per_resource_version(runtime):
+    embedder = runtime.embedder()
+    vectors = runtime.caches.vectors
     docs = _docs(["alpha beta", "gamma delta"])
     first = embedder.document_vectors(docs)
-    assert len(DOC_VECTOR_CACHE) == 2
+    assert len(vectors) == 2
     again = embedder.document_vectors(docs)
-    assert len(DOC_VECTOR_CACHE) == 2 and torch.equal(first, again)
+    assert len(vectors) == 2 and torch.equal(first, again)
     embedder.document_vectors(_docs(["alpha beta changed", "gamma delta"], version="2"))
-    assert len(DOC_VECTOR_CACHE) == 4
+    assert len(vectors) == 4
+    # Another runtime (another app) shares neither the vectors nor the loaded model.
+    other = Runtime(runtime.settings)
+    other.embedder().document_vectors(docs)
+    assert len(other.caches.vectors) == 2 and len(vectors) == 4
+    assert other.embedder().loaded is not embedder.loaded
 
 
 def test_absent_embedding_weights_mean_keyword_recall_and_a_warning(tmp_path, caplog):
-    reset_embedders()
     settings = load_settings({"embedder": str(tmp_path / "no-such-model")}, env={})
     docs = _docs(["potassium serum", "sodium serum", "glucose"])
+    runtime = Runtime(settings)
     with caplog.at_level(logging.WARNING, logger="adapter.search.hybrid"):
         for _ in range(3):
-            candidates, _, outcomes = first_stage("potassium", docs, 2, settings)
+            candidates, _, outcomes = first_stage("potassium", docs, 2, settings,
+                                                  runtime=runtime)
     assert [d.id for d, _, _ in candidates] == ["Observation/o0", "Observation/o1"]
     assert len(outcomes) == 1 and outcomes[0].severity == "warning"
     assert "dense recall is off" in outcomes[0].diagnostics and "embedder" in outcomes[0].diagnostics
     lines = [r for r in caplog.records if "dense recall off" in r.getMessage()]
-    assert len(lines) == 1  # once per process, not per search
-    reset_embedders()
+    assert len(lines) == 1  # once per app (runtime), not per search
 
 
 def test_api_with_dense_recall_and_without_weights(tiny_embedding_dir, tiny_model_dir, tmp_path):
     from test_api import bundle_of, make_client, matches, outcome_issues
 
-    reset_embedders()
     url = f"/fhir/Patient/{MICAH}/$rerank?query=kidney%20function&recall=7&_count=50"
     fused = bundle_of(make_client(embedder=str(tiny_embedding_dir), reranker="qwen3",
                                   model=str(tiny_model_dir), device="cpu",
@@ -187,12 +196,10 @@ def test_api_with_dense_recall_and_without_weights(tiny_embedding_dir, tiny_mode
     assert len(matches(fused)) == 7  # a model reranks every fused candidate
     assert any("best by BM25 + dense (RRF) were reranked" in i["diagnostics"]
                for i in outcome_issues(fused))
-    reset_embedders()
     absent = bundle_of(make_client(embedder=str(tmp_path / "nothing")).get(url))
     assert 0 < len(matches(absent)) <= 7
     warnings = [i for i in outcome_issues(absent) if i["severity"] == "warning"]
     assert any("dense recall is off" in i["diagnostics"] for i in warnings)
-    reset_embedders()
 
 
 def test_make_tiny_model_cli_writes_an_embedding_checkpoint(tmp_path):

@@ -10,9 +10,8 @@ import time
 
 import redis
 
-from adapter.search.hybrid import reset_embedders
 from adapter.jobs.envelope import unseal
-from adapter.jobs.heartbeat import forget_live_cache, workers_key
+from adapter.jobs.heartbeat import workers_key
 from test_jobs import ASYNC, BIG, client_for, job_path, job_settings
 
 TOKEN = "Bearer dense-recall-secret-token-8"
@@ -21,14 +20,12 @@ TOKEN = "Bearer dense-recall-secret-token-8"
 def test_task_message_with_dense_recall_holds_no_authorization(redis_server, fhir_server,
                                                                tiny_model_dir,
                                                                tiny_embedding_dir):
-    reset_embedders()
     tiny = str(tiny_model_dir)
     settings = job_settings(redis_server, fhir_server, (tiny, tiny), model_queues=[f"{tiny}=parked"],
                             embedder=str(tiny_embedding_dir), dtype="float32",
                             embedder_max_length=128)
     db = redis.Redis.from_url(redis_server.url)
     db.zadd(workers_key("rerank.parked"), {"announced-but-busy@test": time.time() + 600})
-    forget_live_cache()
     client = client_for(settings)
     url = (f"/fhir/DocumentReference?patient={BIG}&_content=diabetes%20follow-up"
            "&_sort=_score,-date&rerank_budget_s=5&recall=30")
@@ -54,5 +51,3 @@ def test_task_message_with_dense_recall_holds_no_authorization(redis_server, fhi
     assert secret not in json.dumps(payload).encode()
     assert client.delete(path, headers={"Authorization": TOKEN}).status_code == 202
     db.delete("rerank.parked", workers_key("rerank.parked"))
-    forget_live_cache()
-    reset_embedders()

@@ -277,17 +277,20 @@ def test_flatten_documents_skips_missing_ids_and_repeats() -> None:
 def test_resources_without_meta_are_cached_by_content() -> None:
     """File sources and servers without meta: the same content is flattened once; a changed
     resource under the same id gets its own text, never the old one."""
-    from adapter.fhir.flatten import FLATTEN_CACHE
+    from adapter.runtime import Caches
 
-    FLATTEN_CACHE.clear()
+    caches = Caches(100)
+    cache = caches.flattened
     cond = {"resourceType": "Condition", "id": "nometa-1",
             "code": {"text": "Chronic sinusitis"}, "subject": {"reference": "Patient/p"}}
-    first, _ = flatten_documents([cond], validate=False)
-    cached = len(FLATTEN_CACHE)
-    assert cached >= 1
-    again, _ = flatten_documents([json.loads(json.dumps(cond))], validate=False)
-    assert len(FLATTEN_CACHE) == cached and again[0].text == first[0].text
+    first, _ = flatten_documents([cond], validate=False, caches=caches)
+    cached = len(cache)
+    assert cached == 1
+    again, _ = flatten_documents([json.loads(json.dumps(cond))], validate=False, caches=caches)
+    assert len(cache) == cached and again[0].text == first[0].text
     changed = dict(cond, code={"text": "Acute bronchitis"})
-    third, _ = flatten_documents([changed], validate=False)
+    third, _ = flatten_documents([changed], validate=False, caches=caches)
     assert "bronchitis" in third[0].text.lower() and "sinusitis" not in third[0].text.lower()
-    assert len(FLATTEN_CACHE) == cached + 1
+    assert len(cache) == cached + 1
+    flatten_documents([changed], validate=False)  # no caches given: nothing is kept
+    assert len(cache) == cached + 1 and len(Caches(0).flattened) == 0

@@ -11,9 +11,7 @@ import requests
 
 from adapter import create_app
 from adapter.config import load_settings
-from adapter.fhir.flatten import FLATTEN_CACHE
-from adapter.pipeline import SCORE_CACHE
-from adapter.search.bm25 import INDEX_CACHE
+from adapter.api.state import state_of
 from fixtures_jobs import comparable_bundle
 
 ALICE, BOB = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
@@ -52,9 +50,8 @@ def secret_record(fhir):
         requests.delete(f"{base}/{resource['resourceType']}/{resource['id']}", timeout=10)
 
 
-def _clear_caches() -> None:
-    for cache in (FLATTEN_CACHE, SCORE_CACHE, INDEX_CACHE):
-        cache.clear()
+def _clear_caches(app) -> None:
+    state_of(app).runtime.caches.clear()
 
 
 def _search(client, pid: str, headers: dict) -> dict:
@@ -72,27 +69,28 @@ def _score_of(bundle: dict, doc: str) -> float:
 def test_attachment_text_is_never_shared_across_callers(fhir, secret_record):
     pid, doc = secret_record
     # keyword order lists every candidate (score 0 without the word), so each is compared
-    client = create_app(load_settings({"reranker": "none", "fhir_base_url": fhir.base_url,
-                                       "fhir_retries": 0, "keyword_list_unmatched": True},
-                                      env={})).test_client()
+    app = create_app(load_settings({"reranker": "none", "fhir_base_url": fhir.base_url,
+                                    "fhir_retries": 0, "keyword_list_unmatched": True},
+                                   env={}))
+    client = app.test_client()
     # Each caller alone, caches empty: the reference answers.
-    _clear_caches()
+    _clear_caches(app)
     alone = {"alice": _search(client, pid, ALICE)}
-    _clear_caches()
+    _clear_caches(app)
     alone["bob"] = _search(client, pid, BOB)
-    _clear_caches()
+    _clear_caches(app)
     alone["anonymous"] = _search(client, pid, {})
     assert _score_of(alone["alice"], doc) > _score_of(alone["bob"], doc)  # Alice reads it
     assert _score_of(alone["bob"], doc) == _score_of(alone["anonymous"], doc)
 
     # Alice first, then the others: they must not be ranked on Alice's attachment text.
-    _clear_caches()
+    _clear_caches(app)
     _search(client, pid, ALICE)
     for who, headers in (("bob", BOB), ("anonymous", {})):
         assert comparable_bundle(_search(client, pid, headers)) == \
             comparable_bundle(alone[who]), f"{who} was ranked on Alice's attachment"
     # Bob first: his "could not be loaded" is not cached for Alice.
-    _clear_caches()
+    _clear_caches(app)
     _search(client, pid, BOB)
     assert comparable_bundle(_search(client, pid, ALICE)) == comparable_bundle(alone["alice"])
     # And the Binary was asked for with each caller's own token only.

@@ -5,7 +5,6 @@ import pytest
 
 from adapter import create_app
 from adapter.config import load_settings
-from adapter.rerank import reset_rerankers
 
 SMALL = "f201"
 BIG = "79a66c97-6131-3213-f3c9-4606946ab056"
@@ -121,20 +120,21 @@ def test_healthz_and_readyz_in_process(files):
 
 
 def test_readyz_not_ready_until_the_model_is_loaded(tiny_model_dir):
-    reset_rerankers()
     app = client(reranker="qwen3", model=str(tiny_model_dir),
                  models_allowed=[str(tiny_model_dir)], device="cpu")
     before = app.get("/readyz")
     assert before.status_code == 503
     models = [c for c in before.get_json()["checks"] if c["name"] == "models"][0]
     assert not models["ok"] and "not loaded" in models["detail"]
-    from adapter.rerank import get_reranker
+    from adapter.api.state import state_of
 
-    get_reranker(load_settings({"reranker": "qwen3", "model": str(tiny_model_dir),
-                                "models_allowed": [str(tiny_model_dir)], "device": "cpu"},
-                               env={}))
+    # Another app's model is not this app's: still not ready.
+    create_app(load_settings({"reranker": "qwen3", "model": str(tiny_model_dir),
+                              "models_allowed": [str(tiny_model_dir)], "device": "cpu"},
+                             env={})).extensions["fhir_rerank"].runtime.reranker()
+    assert app.get("/readyz").status_code == 503
+    state_of(app.application).runtime.reranker()  # what `serve` does before it answers
     assert app.get("/readyz").status_code == 200
-    reset_rerankers()
 
 
 def test_readyz_names_an_unreachable_fhir_server():

@@ -10,7 +10,7 @@ import requests
 
 from adapter.config import load_settings
 from adapter.errors import UpstreamThrottled
-from adapter.rerank import get_reranker, reset_rerankers
+from adapter.runtime import Runtime
 from adapter.rerank.qwen3 import Qwen3Reranker
 from adapter.rerank.remote import RemoteReranker
 from fixtures_jobs import free_port
@@ -110,15 +110,12 @@ def test_throttled_past_the_retries_is_a_named_error(throttling):
 def test_the_backend_from_settings_with_the_key_from_the_environment(second, monkeypatch):
     proc, model = second
     monkeypatch.setenv("MY_RERANK_KEY", "secret-1")
-    reset_rerankers()
     settings = load_settings({"reranker": "remote", "remote_url": proc.url, "model": model,
                               "remote_api_key_env": "MY_RERANK_KEY",
                               "remote_max_documents": 2}, env={})
-    reranker = get_reranker(settings)
+    reranker = Runtime(settings).reranker()
     assert isinstance(reranker, RemoteReranker) and reranker.max_documents == 2
     assert reranker.session.headers["Authorization"] == "Bearer secret-1"
     assert len(reranker.score(QUERY, DOCS[:3]).scores) == 3
-    reset_rerankers()
     with pytest.raises(ValueError, match="remote_url"):
-        get_reranker(load_settings({"reranker": "remote"}, env={}))
-    reset_rerankers()
+        Runtime(load_settings({"reranker": "remote"}, env={})).reranker()

@@ -9,7 +9,6 @@ import pytest
 
 from adapter import create_app
 from adapter.config import load_settings
-from adapter.rerank import reset_rerankers
 from adapter.rerank.base import ScoreOptions
 from adapter.rerank.qwen3 import Qwen3Reranker
 
@@ -30,9 +29,7 @@ def model(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def client(model):
-    reset_rerankers()
     yield create_app(app_settings(model)).test_client()
-    reset_rerankers()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import pytest
 
 from adapter import create_app
 from adapter.config import load_settings
-from adapter.rerank import reset_rerankers
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 QUERY = "zz-secret-query heart failure"
@@ -21,7 +20,6 @@ def test_celery_and_in_process_answer_alike(redis_server, celery_workers, tiny_m
     worker = celery_workers.start("rerank-api", ["rerank.default"],
                                   {**base, "redis_url": redis_server.url})
     body = {"model": model, "query": QUERY, "documents": DOCS, "return_documents": True}
-    reset_rerankers()
     with caplog.at_level("INFO"):
         queued = create_app(load_settings({**base, "redis_url": redis_server.url}, env={}))
         resp = queued.test_client().post("/v2/rerank", json=body)
@@ -31,4 +29,3 @@ def test_celery_and_in_process_answer_alike(redis_server, celery_workers, tiny_m
     assert strip(resp.get_json()) == strip(local.get_json())
     logs = worker.log() + "\n".join(r.getMessage() for r in caplog.records)
     assert "zz-secret" not in logs
-    reset_rerankers()

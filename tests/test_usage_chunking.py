@@ -10,7 +10,6 @@ from transformers import AutoTokenizer
 
 from adapter import create_app
 from adapter.config import load_settings
-from adapter.rerank import reset_rerankers
 from adapter.rerank.base import ScoreOptions, ScoreResult
 from adapter.rerank.bm25_only import BM25OnlyReranker
 from adapter.rerank.qwen3 import BODY, PREFIX, SUFFIX, Qwen3Reranker
@@ -133,7 +132,6 @@ def test_fhir_search_carries_usage_model_and_best_passage(tmp_path, tiny_model_d
                           "subject": {"reference": "Patient/p1"}, "code": {"text": "Asthma"}}}]
     (tmp_path / "b.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
                                                  "entry": docs}))
-    reset_rerankers()
     settings = load_settings({"fhir_data": str(tmp_path), "reranker": "qwen3",
                               "model": str(tiny_model_dir), "device": "cpu", "dtype": "float32",
                               "max_length": 256, "max_chunks_per_doc": 50,
@@ -154,7 +152,6 @@ def test_fhir_search_carries_usage_model_and_best_passage(tmp_path, tiny_model_d
     notes = [i["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
              for i in e["resource"]["issue"]]
     assert any("scored as overlapping chunks" in n for n in notes)
-    reset_rerankers()
 
 
 def test_async_final_answer_carries_usage_headers(tmp_path):
@@ -163,7 +160,6 @@ def test_async_final_answer_carries_usage_headers(tmp_path):
             for i, text in enumerate(["asthma", "knee pain", "asthma review"])]
     (tmp_path / "b.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
                                                  "entry": docs}))
-    reset_rerankers()
     settings = load_settings({"fhir_data": str(tmp_path), "reranker": "none"}, env={})
     client = create_app(settings).test_client()
     accepted = client.get("/fhir/Condition?patient=p1&_content=asthma",

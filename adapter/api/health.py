@@ -25,7 +25,7 @@ def healthz() -> Response:
 def readyz() -> Response:
     """Ready: every dependency answers; 503 with the failing checks named when not."""
     app_state = state()
-    checks = readiness(app_state.settings, app_state.source, app_state.jobs)
+    checks = readiness(app_state.settings, app_state.source, app_state.runtime)
     ready = all(c.ok for c in checks)
     return _json({"status": "ready" if ready else "not ready",
                   "checks": [c.to_json() for c in checks]}, 200 if ready else 503)

@@ -9,12 +9,15 @@ payload (kind "rerank-api"; the documents travel in it, nothing of the caller's 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from adapter.config import Settings
 from adapter.errors import BadRequest
 from adapter.rerank.base import ScoreOptions, ScoreResult
 from adapter.rerank.usage import tier_of, usage_of
+
+if TYPE_CHECKING:
+    from adapter.runtime import Runtime
 
 #: every request field the routes understand (the union of Cohere v1/v2, Jina, SiliconFlow)
 FIELDS = ("model", "query", "documents", "top_n", "return_documents", "instruction",
@@ -118,13 +121,13 @@ def score_options(payload_options: dict[str, Any], settings: Settings) -> ScoreO
                         max_total_tokens=settings.max_tokens_per_call)
 
 
-def run_rerank_payload(payload: dict[str, Any], model: str, settings: Settings,
+def run_rerank_payload(payload: dict[str, Any], model: str, runtime: "Runtime",
                        on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """The job body: score the documents with this process's reranker for `model`."""
+    """The job body: score the documents with the runtime's reranker for `model`."""
     from adapter.pipeline import scoring_model
-    from adapter.rerank import get_reranker
 
-    reranker = get_reranker(settings, model)
+    settings = runtime.settings
+    reranker = runtime.reranker(model)
     result = reranker.score(payload["query"], payload["documents"], payload.get("instruction"),
                             on_progress=on_progress,
                             options=score_options(payload["options"], settings))

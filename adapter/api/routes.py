@@ -106,7 +106,8 @@ def _search(pairs: list[tuple[str, str]], *, types: tuple[str, ...] | None, endp
 
     def prepare(on_stage: Callable[[str], None]) -> dict[str, Any]:
         """Fetch, flatten, recall: in this request, or in the background for respond-async."""
-        payload = prepare_search(req, source, settings, links, on_stage=on_stage)
+        payload = prepare_search(req, source, settings, links, on_stage=on_stage,
+                                 runtime=app_state.runtime)
         payload["outcomes"] = param_outcomes + payload["outcomes"]
         return payload
 

@@ -24,6 +24,7 @@ from adapter.config import Settings
 from adapter.eval.data import Topic
 from adapter.fhir.source import FhirSource
 from adapter.pipeline import LinkContext, prepare_search, rank_prepared
+from adapter.runtime import Runtime
 from adapter.rerank.base import Reranker
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class EvalResult:
 
 
 def rank_topic(topic: Topic, source: FhirSource, reranker: Reranker, settings: Settings,
-               stage: str, depth: int) -> list[str]:
+               stage: str, depth: int, runtime: Runtime | None = None) -> list[str]:
     """The ranked resource ids ("Type/id") one topic gets at `stage`, best first."""
     pairs = [("query", topic.query), ("_count", str(min(depth, settings.max_count)))]
     if topic.patient:
@@ -60,10 +61,11 @@ def rank_topic(topic: Topic, source: FhirSource, reranker: Reranker, settings: S
         pairs.append(("instruction", topic.instruction))
     parsed = parse_search(pairs, settings, types=None, strict=True, query_param="query")
     links = LinkContext("urn:fhir-rerank:eval", "$rerank", parsed.used)
-    payload = prepare_search(parsed.request, source, settings, links)
+    runtime = runtime or Runtime(settings)
+    payload = prepare_search(parsed.request, source, settings, links, runtime=runtime)
     if stage == "recall":
         return [c["document"]["id"] for c in payload["candidates"]][:depth]
-    bundle = rank_prepared(payload, reranker)
+    bundle = rank_prepared(payload, reranker, settings=settings, runtime=runtime)
     return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
             for e in bundle.get("entry", []) if e["search"]["mode"] == "match"][:depth]
 
@@ -95,14 +97,18 @@ def score_rankings(rankings: dict[str, list[str]], qrels: dict[str, dict[str, in
 
 def evaluate(topics: list[Topic], qrels: dict[str, dict[str, int]], source: FhirSource,
              reranker: Reranker, settings: Settings, *, stage: str = "final",
-             depth: int = 100, progress: bool | None = None) -> EvalResult:
-    """Run every topic and score it; a progress bar on a terminal (stderr) only."""
+             depth: int = 100, progress: bool | None = None,
+             runtime: Runtime | None = None) -> EvalResult:
+    """Run every topic and score it (with one runtime: a patient's record is flattened and
+    indexed once for all its topics); a progress bar on a terminal (stderr) only."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
+    runtime = runtime or Runtime(settings)
     rankings: dict[str, list[str]] = {}
     for topic in tqdm(topics, desc=f"eval ({stage})", unit="topic", disable=not show):
-        rankings[topic.qid] = rank_topic(topic, source, reranker, settings, stage, depth)
+        rankings[topic.qid] = rank_topic(topic, source, reranker, settings, stage, depth,
+                                            runtime)
     return score_rankings(rankings, qrels, stage)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from adapter.fhir.attachments import attachment_to_text, html_to_text
 from adapter.fhir.datatypes import (AttachmentLoader, annotation_text, as_list, choice_text,
@@ -25,6 +25,9 @@ from adapter.fhir.datatypes import (AttachmentLoader, annotation_text, as_list, 
                                     range_text, reference_text, scalar_text)
 from adapter.lru import LRU
 from adapter.models import RESOURCE_TYPES, Document, Outcome
+
+if TYPE_CHECKING:
+    from adapter.runtime import Caches
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +228,14 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
     return _safe_flatten(resource, attachment_loader)
 
 
-#: Flattened text, and R4B problems, per resource *version*: a FHIR server gives a changed
-#: resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
-#: Resources without either are keyed by a digest of their content. Size: settings.doc_cache_size.
-#: Text that needed an attachment fetched by URL depends on who fetched it (the caller's
-#: credentials may open a Binary another caller may not read, or fail where theirs would
-#: not): it is cached under (version, caller identity), never shared across callers, and
-#: not at all when an attachment could not be loaded (the next search tries again).
-FLATTEN_CACHE: LRU[str] = LRU(10000, "flattened_text")
-PROBLEMS_CACHE: LRU[list[str]] = LRU(10000, "validation")
+# Caching (a runtime's `Caches.flattened` / `Caches.problems`, passed in by the pipeline):
+# flattened text, and R4B problems, per resource *version*: a FHIR server gives a changed
+# resource a new meta.versionId / meta.lastUpdated, so (url, version) names one content.
+# Resources without either are keyed by a digest of their content. Size: doc_cache_size.
+# Text that needed an attachment fetched by URL depends on who fetched it (the caller's
+# credentials may open a Binary another caller may not read, or fail where theirs would
+# not): it is cached under (version, caller identity), never shared across callers, and
+# not at all when an attachment could not be loaded (the next search tries again).
 
 
 def _version_key(resource: dict, full_url: str) -> tuple | None:
@@ -257,12 +259,13 @@ def _version_key(resource: dict, full_url: str) -> tuple | None:
     return (full_url, "content", digest.hexdigest())
 
 
-def _cached(cache: LRU, key: tuple | None, compute: Callable[[], Any]) -> Any:
-    value = cache.get(key) if key else None
+def _cached(cache: LRU | None, key: tuple | None, compute: Callable[[], Any]) -> Any:
+    if cache is None or not key:
+        return compute()
+    value = cache.get(key)
     if value is None:
         value = compute()
-        if key:
-            cache.put(key, value)
+        cache.put(key, value)
     return value
 
 
@@ -285,30 +288,31 @@ def attachment_urls(resource: Any) -> list[str]:
     return found
 
 
-def cached_text(resource: dict, full_url: str, caller: str) -> str | None:
-    """The cached text of this resource version that `caller` may see, or None."""
-    key = _version_key(resource, full_url) if isinstance(resource, dict) else None
-    if key is None:
+def cached_text(resource: dict, full_url: str, caller: str, cache: LRU[str] | None
+                ) -> str | None:
+    """The text of this resource version that `caller` may see, from `cache`, or None."""
+    key = _version_key(resource, full_url) if isinstance(resource, dict) and cache else None
+    if key is None or cache is None:
         return None
-    return FLATTEN_CACHE.get(key) or FLATTEN_CACHE.get(key + ("caller", caller))
+    return cache.get(key) or cache.get(key + ("caller", caller))
 
 
 def _flatten_cached(resource: dict, full_url: str, loader: AttachmentLoader | None,
-                    caller: str) -> str:
+                    caller: str, cache: LRU[str] | None) -> str:
     """The resource's text from the cache when this caller may see it, else flattened now.
 
     Text that fetched nothing is shared by every caller (the key is the version); text that
     asked the loader for a URL is kept under (version, caller) only."""
-    key = _version_key(resource, full_url)
-    if key is None:
+    key = _version_key(resource, full_url) if cache is not None else None
+    if key is None or cache is None:
         return _safe_flatten(resource, loader)
     if loader is None:
         key = key + ("no-loader",)
-    shared = FLATTEN_CACHE.get(key)
+    shared = cache.get(key)
     if shared is not None:
         return shared
     own_key = key + ("caller", caller)
-    own = FLATTEN_CACHE.get(own_key)
+    own = cache.get(own_key)
     if own is not None:
         return own
     fetched: list[bool] = []
@@ -324,17 +328,19 @@ def _flatten_cached(resource: dict, full_url: str, loader: AttachmentLoader | No
 
     text = _safe_flatten(resource, recording if loader is not None else None)
     if all(fetched):  # an attachment that failed (deadline, 403, down) is tried again next time
-        FLATTEN_CACHE.put(own_key if fetched else key, text)
+        cache.put(own_key if fetched else key, text)
     return text
 
 
-def validation_outcome(documents: list[Document]) -> Outcome | None:
+def validation_outcome(documents: list[Document], cache: LRU[list[str]] | None = None
+                       ) -> Outcome | None:
     """One information Outcome listing the documents whose resource the R4B models reject
     (they were flattened leniently), or None. Costs ~4x a flatten, so the pipeline runs it
-    on the reranked candidates only. Names type and id only, never content."""
+    on the reranked candidates only (problems cached per version in `cache` when given).
+    Names type and id only, never content."""
     lenient: list[str] = []
     for doc in documents:
-        problems = _cached(PROBLEMS_CACHE, _version_key(doc.resource, doc.full_url),
+        problems = _cached(cache, _version_key(doc.resource, doc.full_url) if cache else None,
                            lambda doc=doc: validation_problems(doc.resource))
         if problems:
             lenient.append(doc.id)
@@ -350,7 +356,8 @@ def validation_outcome(documents: list[Document]) -> Outcome | None:
 
 def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
                       attachment_loader: Callable[[str], tuple[str, bytes] | None] | None = None,
-                      *, validate: bool = True, caller: str = "anonymous"
+                      *, validate: bool = True, caller: str = "anonymous",
+                      caches: "Caches | None" = None
                       ) -> tuple[list[Document], list[Outcome]]:
     """Resources → Documents for the ranked types, plus warnings for what was skipped.
 
@@ -358,6 +365,8 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
     Outcome. With `validate`, resources the R4B models reject are listed in one information
     Outcome (see `validation_outcome`). Diagnostics name type and id only, never content.
     `caller` (adapter.identity.caller_identity) scopes text built from fetched attachments.
+    `caches` (a runtime's `Caches`) keeps text and problems per resource version; without it
+    nothing is cached.
     """
     documents: list[Document] = []
     outcomes: list[Outcome] = []
@@ -381,10 +390,11 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
             continue
         seen.add(doc_id)
         full_url = full_urls[index] if full_urls and index < len(full_urls) else ""
-        text = _flatten_cached(resource, full_url, attachment_loader, caller)
+        text = _flatten_cached(resource, full_url, attachment_loader, caller,
+                               caches.flattened if caches else None)
         documents.append(Document(doc_id, rtype, text, resource, full_url or ""))
     if validate:
-        lenient = validation_outcome(documents)
+        lenient = validation_outcome(documents, caches.problems if caches else None)
         if lenient:
             outcomes.append(lenient)
     return documents, outcomes

@@ -18,10 +18,11 @@ from adapter.config import Settings
 from adapter.errors import QueueUnavailable
 from adapter.jobs.app import make_celery
 from adapter.jobs.envelope import seal, unseal
-from adapter.jobs.heartbeat import job_key, live_workers
+from adapter.jobs.heartbeat import LiveWorkers, job_key, redis_time
 from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of
 from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
 from adapter.jobs.task import TASK_NAME
+from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{32}")
@@ -39,8 +40,8 @@ def _queue_errors() -> tuple[type[BaseException], ...]:
 class CeleryJobRunner(JobRunner):
     """Jobs as Celery tasks on Redis, routed by model tier."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+        super().__init__(settings, runtime)
         import redis
 
         self.app = make_celery(settings, set_as_current=False)
@@ -49,6 +50,7 @@ class CeleryJobRunner(JobRunner):
             socket_connect_timeout=settings.redis_timeout, retry_on_timeout=False,
             decode_responses=True)
         self._errors = _queue_errors()
+        self.live_workers = LiveWorkers(settings, self.records)
 
     def _unavailable(self, exc: BaseException) -> QueueUnavailable:
         log.warning("job queue unreachable: %s", type(exc).__name__)
@@ -58,7 +60,7 @@ class CeleryJobRunner(JobRunner):
     def check_worker(self, queue: str) -> None:
         """503 naming the tier and the command that starts a worker when none consumes it."""
         try:
-            live = live_workers(self.settings, self.records)
+            live = self.live_workers()
         except self._errors as exc:
             raise self._unavailable(exc) from None
         if not live.get(queue):
@@ -111,8 +113,10 @@ class CeleryJobRunner(JobRunner):
         try:
             if not self.records.exists(key):
                 return job_id  # cancelled while it was being prepared
+            queued = redis_time(self.records)  # the worker stamps "started" on Redis' clock too
             with self.records.pipeline() as pipe:
-                pipe.hset(key, mapping={"stage": "", "envelope": json.dumps(envelope)})
+                pipe.hset(key, mapping={"stage": "", "envelope": json.dumps(envelope),
+                                        "queued": f"{queued:.6f}"})
                 pipe.expire(key, ttl)
                 pipe.execute()
             self.app.send_task(TASK_NAME, args=[envelope, model], task_id=ref,
@@ -134,10 +138,25 @@ class CeleryJobRunner(JobRunner):
             raise not_found(job_id)
         return record
 
+    def _first_read(self, job_id: str) -> bool:
+        """True for exactly one read of a finished job, across every API process."""
+        try:
+            return bool(self.records.hsetnx(job_key(job_ref(job_id)), "delivered", "1"))
+        except self._errors:
+            return False
+
+    @staticmethod
+    def _queue_wait(record: dict[str, str]) -> float | None:
+        try:
+            return max(0.0, float(record["started"]) - float(record["queued"]))
+        except (KeyError, ValueError):
+            return None
+
     def status(self, job_id: str, owner: str) -> JobStatus:
         record = self._record(job_id, owner)
         if record.get("error"):
-            return JobStatus("failed", error=json.loads(record["error"]))
+            return JobStatus("failed", error=json.loads(record["error"]),
+                             first_read=self._first_read(job_id))
         if record.get("stage"):
             return JobStatus("preparing", stage=record["stage"])
         ref = job_ref(job_id)
@@ -147,16 +166,21 @@ class CeleryJobRunner(JobRunner):
             raise self._unavailable(exc) from None
         state, info = meta.get("status"), meta.get("result")
         if state == "SUCCESS" and isinstance(info, dict):
+            once = {"first_read": self._first_read(job_id),
+                    "queue_wait_s": self._queue_wait(record)}
             if "error" in info:
-                return JobStatus("failed", error=info["error"], worker=info.get("worker"))
+                return JobStatus("failed", error=info["error"], worker=info.get("worker"),
+                                 **once)
             bundle = unseal(info["result"], self.settings.payload_key)
-            return JobStatus("done", bundle=bundle, worker=info.get("worker"))
+            return JobStatus("done", bundle=bundle, worker=info.get("worker"), **once)
         if state == "PROGRESS" and isinstance(info, dict):
             return JobStatus("running", int(info.get("done", 0)), info.get("total"))
         if state in ("STARTED", "RETRY"):
             return JobStatus("running")
         if state == "FAILURE":
-            return JobStatus("failed", error=self._failure(ref, info))
+            return JobStatus("failed", error=self._failure(ref, info),
+                             first_read=self._first_read(job_id),
+                             queue_wait_s=self._queue_wait(record))
         if state == "REVOKED" or record.get("finished"):
             raise not_found(job_id)  # result gone (expired) or never to come
         return JobStatus("queued")

@@ -50,23 +50,18 @@ def _redis(settings: Settings) -> Any:
                                 decode_responses=True)
 
 
-_live_cache: dict[tuple[str, float], tuple[float, dict[str, int]]] = {}
-_live_lock = threading.Lock()
-LIVE_CACHE_S = 2.0
+def redis_time(client: Any) -> float:
+    """Redis' clock (seconds): job stamps written by the API and by workers on other machines
+    compare without clock skew."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
 
 
-def live_workers(settings: Settings, client: Any = None, *, cached: bool = True
-                 ) -> dict[str, int]:
+def live_workers(settings: Settings, client: Any = None) -> dict[str, int]:
     """{queue: number of workers whose heartbeat is younger than job_stale_after}, for every
-    queue some worker announced. Cached for 2 s (the API asks on each job submit and in the
-    readiness check). Raises Redis errors to the caller."""
-    cache_key = (settings.redis_url, settings.job_stale_after)
+    queue some worker announced (read now; `LiveWorkers` keeps a short-lived copy). Raises
+    Redis errors to the caller."""
     now = time.time()
-    if cached:
-        with _live_lock:
-            hit = _live_cache.get(cache_key)
-        if hit and now - hit[0] < LIVE_CACHE_S:
-            return dict(hit[1])
     own = client is None
     client = client or _redis(settings)
     try:
@@ -79,14 +74,31 @@ def live_workers(settings: Settings, client: Any = None, *, cached: bool = True
     finally:
         if own:
             client.close()
-    with _live_lock:
-        _live_cache[cache_key] = (now, counts)
-    return dict(counts)
+    return counts
 
 
-def forget_live_cache() -> None:
-    with _live_lock:
-        _live_cache.clear()
+class LiveWorkers:
+    """`live_workers` as the API asks it on each job submit: read at most every `ttl` seconds
+    (one per job runner, so each app keeps its own view)."""
+
+    def __init__(self, settings: Settings, client: Any, ttl: float = 2.0) -> None:
+        self.settings, self.client, self.ttl = settings, client, ttl
+        self._seen: tuple[float, dict[str, int]] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dict[str, int]:
+        with self._lock:
+            seen = self._seen
+        if seen and time.monotonic() - seen[0] < self.ttl:
+            return dict(seen[1])
+        counts = live_workers(self.settings, self.client)
+        with self._lock:
+            self._seen = (time.monotonic(), counts)
+        return dict(counts)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._seen = None
 
 
 # --- a running job's heartbeat (in the process that runs it) -----------------------------

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from adapter.config import Settings
 from adapter.errors import NotFound
+from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class JobStatus:
     error: dict[str, Any] | None = None  # {"status", "code", "message"}
     worker: str | None = None
     stage: str | None = None  # while preparing: "fetching" | "recall"
+    #: True for the first read of a finished job's answer only (metrics count a job once)
+    first_read: bool = False
+    #: seconds the job waited in its queue before a worker started it (finished jobs)
+    queue_wait_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -81,8 +86,10 @@ def not_found(job_id: str) -> NotFound:
 class JobRunner(ABC):
     """Start or submit a search job, read its status, cancel it. Owner = `caller_identity`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
+        #: the app's caches and models (in-process jobs rank with them)
+        self.runtime = runtime or Runtime(settings)
         self._preparers = ThreadPoolExecutor(max_workers=max(1, settings.prepare_workers),
                                              thread_name_prefix="prepare-job")
 
@@ -170,14 +177,17 @@ class _LocalJob:
     started: bool = False
     answer: dict[str, Any] | None = None
     finished_at: float | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    delivered: bool = False
 
 
 class InProcessJobRunner(JobRunner):
     """Jobs on a thread pool in this process. Finished jobs are kept `result_expires`
     seconds, and at most `max_finished_jobs` of them (the oldest unpolled go first)."""
 
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+        super().__init__(settings, runtime)
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.inprocess_workers),
                                         thread_name_prefix="rerank-job")
         self._jobs: OrderedDict[str, _LocalJob] = OrderedDict()
@@ -212,6 +222,7 @@ class InProcessJobRunner(JobRunner):
         if job is None:  # cancelled while it was being prepared
             return job_id
         job.stage = None
+        job.queued_at = time.monotonic()
         self._pool.submit(self._run, job, payload, model)
         return job_id
 
@@ -223,9 +234,9 @@ class InProcessJobRunner(JobRunner):
                 raise JobCancelled()
             job.done, job.total = done, total
 
-        job.started = True
+        job.started, job.started_at = True, time.monotonic()
         try:
-            answer = {"result": rank_job(payload, model, self.settings, on_progress)}
+            answer = {"result": rank_job(payload, model, self.runtime, on_progress)}
         except JobCancelled:
             answer = {"cancelled": True}
         except Exception as exc:  # noqa: BLE001 - becomes an OperationOutcome
@@ -252,12 +263,16 @@ class InProcessJobRunner(JobRunner):
     def status(self, job_id: str, owner: str) -> JobStatus:
         job = self._job(job_id, owner)
         answer = job.answer
-        if answer is not None and "error" in answer:
-            return JobStatus("failed", job.done, job.total, error=answer["error"],
-                             worker="in-process")
-        if answer is not None and "result" in answer:
+        if answer is not None and ("error" in answer or "result" in answer):
+            with self._lock:
+                first, job.delivered = not job.delivered, True
+            wait = (job.started_at - job.queued_at
+                    if job.started_at is not None and job.queued_at is not None else None)
+            if "error" in answer:
+                return JobStatus("failed", job.done, job.total, error=answer["error"],
+                                 worker="in-process", first_read=first, queue_wait_s=wait)
             return JobStatus("done", job.done, job.total, bundle=answer["result"],
-                             worker="in-process")
+                             worker="in-process", first_read=first, queue_wait_s=wait)
         if job.stage is not None:
             return JobStatus("preparing", stage=job.stage)
         return JobStatus("running" if job.started else "queued", job.done, job.total)
@@ -280,10 +295,11 @@ class InProcessJobRunner(JobRunner):
         super().close()
 
 
-def make_job_runner(settings: Settings) -> JobRunner:
-    """Celery on Redis when `redis_url` is set, else an in-process pool."""
+def make_job_runner(settings: Settings, runtime: Runtime | None = None) -> JobRunner:
+    """Celery on Redis when `redis_url` is set, else an in-process pool (ranking with
+    `runtime`'s models)."""
     if settings.redis_url:
         from adapter.jobs.celery_runner import CeleryJobRunner
 
-        return CeleryJobRunner(settings)
-    return InProcessJobRunner(settings)
+        return CeleryJobRunner(settings, runtime)
+    return InProcessJobRunner(settings, runtime)

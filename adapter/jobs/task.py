@@ -20,29 +20,29 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from adapter.config import Settings, load_settings
 from adapter.errors import JobTimeout, ModelLoadError, RerankerUnavailable, error_answer
 from adapter.jobs.envelope import PayloadKeyError, seal, unseal
-from adapter.jobs.heartbeat import JobBeat, claim_lease, job_key
+from adapter.jobs.heartbeat import JobBeat, claim_lease, job_key, redis_time
 from adapter.jobs.runners import JobCancelled
+from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "adapter.jobs.rerank"
 
 
-def rank_job(payload: dict[str, Any], model: str, settings: Settings,
+def rank_job(payload: dict[str, Any], model: str, runtime: Runtime,
              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Score the prepared candidates with the process-wide reranker for `model`; the Bundle
+    """Score the prepared candidates with the runtime's reranker for `model`; the Bundle
     (or, for a rerank-API payload, its ScoreResult and usage)."""
     from adapter.pipeline import rank_prepared
-    from adapter.rerank import get_reranker
 
     # Concurrent jobs may share the reranker: the Qwen3 engine runs one forward at a time per
     # model, and each `score` call returns its own ScoreResult.
     if payload.get("kind") == "rerank-api":  # a /v1/rerank call: documents, no FHIR search
         from adapter.api.rerank_jobs import run_rerank_payload
 
-        return run_rerank_payload(payload, model, settings, on_progress)
-    return rank_prepared(payload, get_reranker(settings, model), on_progress=on_progress,
-                         settings=settings)
+        return run_rerank_payload(payload, model, runtime, on_progress)
+    return rank_prepared(payload, runtime.reranker(model), on_progress=on_progress,
+                         settings=runtime.settings, runtime=runtime)
 
 
 def job_error(exc: BaseException, settings: Settings | None = None,
@@ -85,6 +85,15 @@ def _settings_of(app: Celery) -> Settings:
     return settings if settings is not None else load_settings()
 
 
+def runtime_of(app: Celery) -> Runtime:
+    """The worker app's runtime (its caches and models), made on first use when the app was
+    built without one."""
+    runtime = getattr(app, "fhir_runtime", None)
+    if runtime is None:
+        runtime = app.fhir_runtime = Runtime(_settings_of(app))
+    return runtime
+
+
 @shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
 def rerank(self: Any, envelope: dict[str, Any], model: str) -> dict[str, Any]:
     """Rerank one prepared search. Returns {"result": sealed Bundle, "worker": hostname}."""
@@ -102,13 +111,14 @@ def rerank(self: Any, envelope: dict[str, Any], model: str) -> dict[str, Any]:
     if not claim_lease(client, ref, holder, settings):
         log.info("dropped a duplicate delivery of a job a live worker is running")
         raise Ignore()
+    client.hsetnx(key, "started", f"{redis_time(client):.6f}")  # queue wait: first start
     failure: BaseException | None = None
     with JobBeat(client, ref, holder, settings):
         log.info("job %s: reranking with %s", ref[:12], model if "/" not in model else "a model")
         self.update_state(state="PROGRESS", meta={"done": 0, "total": None})
         try:
-            bundle = rank_job(unseal(envelope, settings.payload_key), model, settings,
-                              _TaskProgress(self, client, ref))
+            bundle = rank_job(unseal(envelope, settings.payload_key), model,
+                              runtime_of(self.app), _TaskProgress(self, client, ref))
             answer: dict[str, Any] = {"result": seal(bundle, settings.payload_key)}
         except JobCancelled:
             log.info("job %s cancelled while running", ref[:12])

@@ -1,15 +1,17 @@
-"""Reranker backends and the per-process registry that loads each model once.
+"""Reranker backends, and how one is built from settings.
 
-`get_reranker(settings, model)` returns the backend named by `settings.reranker`:
+`build_reranker(settings, model, models)` returns the backend named by `settings.reranker`:
 "none" → BM25 order; "remote" → a `/v1/rerank` server at `remote_url`; "qwen3" → the Qwen3-Reranker engine for `model` (a tier alias, a
-Hugging Face id or a local directory). A model that cannot be loaded either raises
+Hugging Face id or a local directory), its weights from `models` (an `adapter.runtime.ModelStore`). A model that cannot be loaded either raises
 (`reranker_required = true`) or degrades to BM25 order; that backend's `ScoreResult` then
 says why (`keyword_reason`, `fallback`), which the pipeline turns into a warning in every Bundle.
+Built backends are kept by their owner, `adapter.runtime.Runtime.reranker`, under
+`reranker_key`: there is no process-wide registry.
 """
 from __future__ import annotations
 
 import logging
-import threading
+from typing import TYPE_CHECKING
 
 from adapter.config import Settings
 from adapter.errors import BadRequest, ModelLoadError
@@ -17,19 +19,23 @@ from adapter.metrics import MODEL_LOADS
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.rerank.bm25_only import BM25OnlyReranker
 
-__all__ = ["Reranker", "ScoreOptions", "ScoreResult", "get_reranker", "peek_reranker",
-           "register_reranker", "reset_rerankers", "BACKENDS"]
+if TYPE_CHECKING:
+    from adapter.runtime import ModelStore
+
+__all__ = ["Reranker", "ScoreOptions", "ScoreResult", "build_reranker", "reranker_key",
+           "BACKENDS"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("qwen3", "none", "remote")
-_cache: dict[tuple, Reranker] = {}
-_lock = threading.Lock()
 
 
-def _load(settings: Settings, model: str) -> Reranker:
+def build_reranker(settings: Settings, model: str, models: "ModelStore | None" = None
+                   ) -> Reranker:
+    """A new reranker for `model` under `settings`; Qwen3 weights come from `models` when
+    given (loaded there once), else are loaded for this instance alone."""
     if settings.reranker == "none":
         MODEL_LOADS.labels("none", "loaded").inc()
-        return BM25OnlyReranker()
+        return BM25OnlyReranker(cache_size=settings.doc_cache_size)
     if settings.reranker == "remote":
         from adapter.rerank.remote import RemoteReranker
 
@@ -43,7 +49,7 @@ def _load(settings: Settings, model: str) -> Reranker:
                                max_length=settings.max_length,
                                batch_tokens=settings.batch_tokens,
                                instruction=settings.instruction,
-                               options=ScoreOptions.from_settings(settings))
+                               options=ScoreOptions.from_settings(settings), models=models)
         MODEL_LOADS.labels("qwen3", "loaded").inc()
         return loaded
     except ModelLoadError as exc:
@@ -52,43 +58,13 @@ def _load(settings: Settings, model: str) -> Reranker:
             raise
         MODEL_LOADS.labels("qwen3", "fallback").inc()
         log.warning("reranker: serving BM25 order, the model is unavailable: %s", exc.message)
-        return BM25OnlyReranker(fallback_reason=exc.message)
+        return BM25OnlyReranker(fallback_reason=exc.message, cache_size=settings.doc_cache_size)
 
 
-def _key(settings: Settings, model: str) -> tuple:
+def reranker_key(settings: Settings, model: str) -> tuple:
     """Every setting a loaded reranker is built with: two settings that differ in any of them
     get two instances (and two ranking-cache namespaces)."""
     return (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
             settings.batch_tokens, settings.instruction, settings.reranker_required,
             settings.long_documents, settings.max_chunks_per_doc, settings.overlap_tokens,
             settings.remote_url, settings.remote_model)
-
-
-def peek_reranker(settings: Settings, model: str | None = None) -> Reranker | None:
-    """The reranker for `model` if this process has loaded it already (readiness), else None."""
-    if settings.reranker == "none":
-        return get_reranker(settings, model)  # nothing to load
-    with _lock:
-        return _cache.get(_key(settings, model or settings.model))
-
-
-def get_reranker(settings: Settings, model: str | None = None) -> Reranker:
-    """The process-wide reranker for (backend, model, device, dtype, …), loaded once."""
-    model = model or settings.model
-    key = _key(settings, model)
-    with _lock:
-        if key not in _cache:
-            _cache[key] = _load(settings, model)
-        return _cache[key]
-
-
-def register_reranker(settings: Settings, model: str, reranker: Reranker) -> None:
-    """Serve an already built reranker for `model` (benchmarks with random weights)."""
-    with _lock:
-        _cache[_key(settings, model)] = reranker
-
-
-def reset_rerankers() -> None:
-    """Forget loaded models (tests)."""
-    with _lock:
-        _cache.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from adapter.lru import LRU
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.search.bm25 import normalise_scores, ranking_scores
 
@@ -14,15 +15,17 @@ class BM25OnlyReranker(Reranker):
     name = "none"
     is_model = False
 
-    def __init__(self, fallback_reason: str | None = None) -> None:
+    def __init__(self, fallback_reason: str | None = None, cache_size: int = 0) -> None:
         super().__init__()
         #: why the model is not there, when this backend stands in for one
         self.fallback_reason = fallback_reason
+        #: tokens per candidate text, kept by this instance (its owner's runtime bounds it)
+        self.tokens: LRU[list[str]] = LRU(cache_size, "bm25_tokens")
 
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
               on_progress: Callable[[int, int], None] | None = None,
               options: ScoreOptions | None = None) -> ScoreResult:
-        scores = normalise_scores(ranking_scores(query, texts)) if texts else []
+        scores = normalise_scores(ranking_scores(query, texts, self.tokens)) if texts else []
         if on_progress:
             on_progress(len(texts), len(texts))
         return ScoreResult(list(scores), empty_docs=[i for i, t in enumerate(texts) if not t.strip()],

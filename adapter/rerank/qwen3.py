@@ -19,13 +19,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from adapter.errors import ModelLoadError
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult, require_query
 from adapter.rerank.chunking import PromptRows, build_rows
+
+if TYPE_CHECKING:
+    from adapter.runtime import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -209,36 +212,37 @@ def hub_options(model_id: str) -> dict[str, bool]:
     return {"local_files_only": True} if offline else {}
 
 
-_loaded: dict[tuple[str, str, str], LoadedModel] = {}
-_load_lock = threading.Lock()
-
-
-def load_reranker_model(name: str, device: str, dtype: torch.dtype) -> LoadedModel:
-    """Load (once per process) the checkpoint `name` onto `device` in `dtype`."""
+def load_reranker_model(name: str, device: str, dtype: torch.dtype,
+                        models: "ModelStore | None" = None) -> LoadedModel:
+    """The checkpoint `name` on `device` in `dtype`: from `models` (an
+    `adapter.runtime.ModelStore`, which loads it once), or loaded now when none is given."""
     model_id = resolve_model_id(name)
-    key = (model_id, device, str(dtype))
-    with _load_lock:
-        if key in _loaded:
-            return _loaded[key]
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if models is None:
+        return _load_reranker_model(name, model_id, device, dtype)
+    return models.get_or_load(("reranker", model_id, device, str(dtype)),
+                              lambda: _load_reranker_model(name, model_id, device, dtype))
 
-        hub = hub_options(model_id)
-        try:
-            config = AutoConfig.from_pretrained(model_id, **hub)
-            if getattr(config, "model_type", "") != "qwen3":
-                raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
-            tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-            model = AutoModelForCausalLM.from_pretrained(
-                model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
-            raise _load_failure(name, model_id, exc) from exc
-        model.to(device)
-        loaded = prepare_loaded(model, tokenizer, name)
-        _loaded[key] = loaded
-        logger.info("loaded Qwen3-Reranker %s on %s (%s)", model_id, device, dtype)
-        return loaded
+
+def _load_reranker_model(name: str, model_id: str, device: str, dtype: torch.dtype
+                         ) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    hub = hub_options(model_id)
+    try:
+        config = AutoConfig.from_pretrained(model_id, **hub)
+        if getattr(config, "model_type", "") != "qwen3":
+            raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
+        raise _load_failure(name, model_id, exc) from exc
+    model.to(device)
+    loaded = prepare_loaded(model, tokenizer, name)
+    logger.info("loaded Qwen3-Reranker %s on %s (%s)", model_id, device, dtype)
+    return loaded
 
 
 def _longest_common_prefix(seqs: list[list[int]]) -> int:
@@ -279,12 +283,13 @@ class Qwen3Reranker(Reranker):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto",
                  max_length: int = 8192, batch_tokens: int = 16384,
                  instruction: str | None = None, warmup: bool = True,
-                 loaded: LoadedModel | None = None, options: ScoreOptions | None = None) -> None:
+                 loaded: LoadedModel | None = None, options: ScoreOptions | None = None,
+                 models: "ModelStore | None" = None) -> None:
         super().__init__()
         self.model_name = model
         self.device = pick_device(device) if loaded is None else str(loaded.device)
         self.dtype = pick_dtype(dtype, self.device) if loaded is None else loaded.model.dtype
-        self.loaded = loaded or load_reranker_model(model, self.device, self.dtype)
+        self.loaded = loaded or load_reranker_model(model, self.device, self.dtype, models)
         fixed = len(self.loaded.prefix_ids) + len(self.loaded.suffix_ids)
         if not fixed < max_length <= min(MAX_CONTEXT, self.loaded.max_positions):
             raise ValueError(f"max_length {max_length} must lie in ({fixed}, {MAX_CONTEXT}]")

@@ -19,7 +19,7 @@ import heapq
 from collections import Counter
 import logging
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from rank_bm25 import BM25Plus
@@ -30,21 +30,22 @@ from adapter.models import Document
 from adapter.search.expand import OWN_WORD_WEIGHT, weighted_query
 from adapter.search.tokenize import tokenize
 
+if TYPE_CHECKING:
+    from adapter.runtime import Caches
+
 log = logging.getLogger(__name__)
 
 K1, B, EPSILON = 1.5, 0.75, 0.0
 
 
-#: Tokens per document text, reused across searches over the same record.
-TOKEN_CACHE: LRU[list[str]] = LRU(10000, "bm25_tokens")
-
-
-def tokenize_cached(text: str) -> list[str]:
-    """`tokenize`, remembered per text (callers must not modify the returned list)."""
-    tokens = TOKEN_CACHE.get(text)
+def tokenize_cached(text: str, cache: LRU[list[str]] | None = None) -> list[str]:
+    """`tokenize`, remembered per text in `cache` when given (a runtime's `Caches.tokens`;
+    callers must not modify the returned list)."""
+    tokens = cache.get(text) if cache is not None else None
     if tokens is None:
         tokens = tokenize(text)
-        TOKEN_CACHE.put(text, tokens)
+        if cache is not None:
+            cache.put(text, tokens)
     return tokens
 
 
@@ -78,9 +79,10 @@ class BM25Index:
     """
 
     def __init__(self, texts: Sequence[str] = (), *,
-                 tokenized: Sequence[list[str]] | None = None) -> None:
+                 tokenized: Sequence[list[str]] | None = None,
+                 tokens: LRU[list[str]] | None = None) -> None:
         corpus = (list(tokenized) if tokenized is not None
-                  else [tokenize_cached(t or "") for t in texts])
+                  else [tokenize_cached(t or "", tokens) for t in texts])
         self.size = len(corpus)
         self._terms: dict[str, int] = {}
         self._starts = np.zeros(1, dtype=np.int64)
@@ -135,18 +137,17 @@ class BM25Index:
         return score.tolist(), matched.tolist()
 
 
-#: Whole indexes per corpus: the same record searched again (another question, the next
-#: page) reuses its index. Keyed by the texts themselves; small, since each holds a corpus.
-INDEX_CACHE: LRU[BM25Index] = LRU(32, "bm25_index")
-
-
-def index_for(texts: list[str]) -> BM25Index:
-    """The BM25 index over `texts`, built once per distinct corpus."""
+def index_for(texts: list[str], caches: "Caches | None" = None) -> BM25Index:
+    """The BM25 index over `texts`; with a runtime's `caches`, built once per distinct corpus
+    (the same record searched again, for another question or the next page, reuses it) from
+    tokens cached per text."""
+    if caches is None:
+        return BM25Index(texts)
     key = tuple(texts)
-    index = INDEX_CACHE.get(key)
+    index = caches.indexes.get(key)
     if index is None:
-        index = BM25Index(texts)
-        INDEX_CACHE.put(key, index)
+        index = BM25Index(texts, tokens=caches.tokens)
+        caches.indexes.put(key, index)
     return index
 
 
@@ -155,14 +156,15 @@ def bm25_scores(query: str, texts: list[str]) -> list[float]:
     return BM25Index(texts).scores(query)
 
 
-def ranking_scores(query: str, texts: list[str]) -> list[float]:
+def ranking_scores(query: str, texts: list[str], tokens: LRU[list[str]] | None = None
+                   ) -> list[float]:
     """BM25 scores for *ordering* a small set (the `none` backend), in input order.
 
     Okapi's idf is 0 for a term found in half the documents or more, so on a record of two
     Observations "hemoglobin" cannot tell them apart. Ordering uses BM25+'s idf,
     log((N + 1) / n), which stays positive, with Okapi's term-frequency part (delta = 0).
     """
-    corpus = [tokenize_cached(t or "") for t in texts]
+    corpus = [tokenize_cached(t or "", tokens) for t in texts]
     weights = weighted_query(query)
     if not any(corpus) or not weights:
         return [0.0] * len(texts)
@@ -195,15 +197,17 @@ def normalise_scores(scores: list[float]) -> list[float]:
     return out
 
 
-def recall(query: str, documents: list[Document], k: int) -> list[tuple[Document, float]]:
+def recall(query: str, documents: list[Document], k: int, caches: "Caches | None" = None
+           ) -> list[tuple[Document, float]]:
     """The `k` best documents by BM25 as (document, raw score), best first, ties by id.
 
     When `len(documents) <= k` every document is returned (ordered, none dropped).
     """
-    return [(doc, score) for doc, score, _ in recall_matches(query, documents, k)[0]]
+    return [(doc, score) for doc, score, _ in recall_matches(query, documents, k, caches)[0]]
 
 
-def recall_matches(query: str, documents: list[Document], k: int
+def recall_matches(query: str, documents: list[Document], k: int,
+                   caches: "Caches | None" = None
                    ) -> tuple[list[tuple[Document, float, bool]], int]:
     """`recall`, with each candidate's "holds a query term" flag and the number of
     documents (of all, not only the candidates) that hold one."""
@@ -212,7 +216,7 @@ def recall_matches(query: str, documents: list[Document], k: int
                          "candidate (e.g. recall=100)", expression="recall")
     if not documents:
         return [], 0
-    scores, matched = index_for([d.text for d in documents]).scores_and_matches(query)
+    scores, matched = index_for([d.text for d in documents], caches).scores_and_matches(query)
 
     def rank_key(i: int) -> tuple[float, bool, str]:
         return (-scores[i], not matched[i], documents[i].id)

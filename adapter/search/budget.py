@@ -22,10 +22,6 @@ from adapter.errors import BadRequest
 from adapter.lru import LRU
 from adapter.models import Document, Outcome, SearchRequest
 
-#: Candidates kept per (reranker instance, ranking): pages of one result agree.
-BUDGET_CACHE: LRU[int] = LRU(256)
-
-
 def candidates_within(lengths: Sequence[int], tokens_per_s: float, budget_s: float) -> int:
     """How many of the candidates (in order) fit: the longest head whose token total is at most
     `tokens_per_s × budget_s`; at least 1 when there is any, so a search always answers."""
@@ -61,9 +57,11 @@ def add_budget_param(req: SearchRequest, values: dict[str, list[str]],
 
 
 def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: list[float],
-                      reranker: Any) -> tuple[list[Document], list[float], list[Outcome]]:
+                      reranker: Any, cache: LRU[int] | None = None
+                      ) -> tuple[list[Document], list[float], list[Outcome]]:
     """The candidates the reranker can score within the request's time budget, and an outcome
-    when some were cut."""
+    when some were cut. `cache` (a runtime's `Caches.budgets`) remembers the count per
+    (reranker instance, ranking), so pages of one result agree."""
     budget = float(req.get("rerank_budget_s") or 0.0)
     speed = getattr(reranker, "tokens_per_s", None)
     if budget <= 0 or not speed or not docs:
@@ -74,13 +72,14 @@ def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: 
         digest.update(part.encode("utf-8"))
         digest.update(b"\1")
     key = (reranker.instance_id, digest.hexdigest())
-    kept = BUDGET_CACHE.get(key)
+    kept = cache.get(key) if cache is not None else None
     lengths: list[int] = []
     if kept is None:
         lengths = reranker.token_lengths(req["query"], [d.text for d in docs],
                                          req.get("instruction"))
         kept = candidates_within(lengths, speed, budget)
-        BUDGET_CACHE.put(key, kept)
+        if cache is not None:
+            cache.put(key, kept)
     if kept >= len(docs):
         return docs, recall_scores, []
     whole = f"; about {sum(lengths) / speed:.0f} s would rerank all" if lengths else ""

@@ -9,9 +9,9 @@ sorted by length and packed into right-padded batches under a padded-token budge
 reading its own last real position (the card pads on the left and reads position −1; RoPE is
 relative and padding is masked, so both give the same vectors).
 
-Models load once per process (keyed by checkpoint, device and dtype) with transformers' real
-classes (`AutoModel` → `Qwen3Model`), like the reranker. Document vectors are cached per
-resource version (`adapter.search.hybrid.DOC_VECTOR_CACHE`).
+Models load once per runtime (`adapter.runtime.ModelStore`, keyed by checkpoint, device and
+dtype) with transformers' real classes (`AutoModel` → `Qwen3Model`), like the reranker.
+Document vectors are cached per resource version in the runtime's `Caches.vectors`.
 """
 from __future__ import annotations
 
@@ -19,16 +19,19 @@ import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from adapter.errors import ModelLoadError
 from adapter.fhir.flatten import _version_key
 from adapter.models import Document
-from adapter.search.hybrid import DOC_VECTOR_CACHE
+from adapter.lru import LRU
 from adapter.rerank.qwen3 import (_attn_implementation, hub_options, load_attempt,
                                   pack_by_tokens)
+
+if TYPE_CHECKING:
+    from adapter.runtime import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +50,13 @@ def resolve_embedding_id(name: str) -> str:
 
 @dataclass
 class LoadedEmbedder:
-    """A Qwen3Model + tokenizer pair, loaded once per process."""
+    """A Qwen3Model + tokenizer pair, loaded once per runtime."""
 
     model: Any
     tokenizer: Any
     device: torch.device
     model_id: str
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_loaded: dict[tuple[str, str, str], LoadedEmbedder] = {}
-_load_lock = threading.Lock()
 
 
 def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
@@ -68,42 +67,50 @@ def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadErro
         f"Qwen3-Embedding checkpoint, or set embedder = \"\" for keyword recall only.")
 
 
-def load_embedding_model(name: str, device: str, dtype: torch.dtype) -> LoadedEmbedder:
-    """Load (once per process) the Qwen3-Embedding checkpoint `name` onto `device` in `dtype`."""
+def load_embedding_model(name: str, device: str, dtype: torch.dtype,
+                         models: "ModelStore | None" = None) -> LoadedEmbedder:
+    """The Qwen3-Embedding checkpoint `name` on `device` in `dtype`: from `models` (loaded
+    there once), or loaded now when none is given."""
     model_id = resolve_embedding_id(name)
-    key = (model_id, device, str(dtype))
-    with _load_lock:
-        if key in _loaded:
-            return _loaded[key]
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    if models is None:
+        return _load_embedding_model(name, model_id, device, dtype)
+    return models.get_or_load(("embedding", model_id, device, str(dtype)),
+                              lambda: _load_embedding_model(name, model_id, device, dtype))
 
-        hub = hub_options(model_id)  # as the reranker: no hub retries on an offline machine
-        try:
-            config = AutoConfig.from_pretrained(model_id, **hub)
-            if getattr(config, "model_type", "") != "qwen3":
-                raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
-            tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-            model = AutoModel.from_pretrained(
-                model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
-        except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
-            raise _load_failure(name, model_id, exc) from exc
-        model.to(device).eval()
-        loaded = LoadedEmbedder(model, tokenizer, next(model.parameters()).device, model_id)
-        _loaded[key] = loaded
-        logger.info("loaded Qwen3-Embedding %s on %s (%s)", model_id, device, dtype)
-        return loaded
+
+def _load_embedding_model(name: str, model_id: str, device: str, dtype: torch.dtype
+                          ) -> LoadedEmbedder:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    hub = hub_options(model_id)  # as the reranker: no hub retries on an offline machine
+    try:
+        config = AutoConfig.from_pretrained(model_id, **hub)
+        if getattr(config, "model_type", "") != "qwen3":
+            raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
+        model = AutoModel.from_pretrained(
+            model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
+    except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
+        raise _load_failure(name, model_id, exc) from exc
+    model.to(device).eval()
+    loaded = LoadedEmbedder(model, tokenizer, next(model.parameters()).device, model_id)
+    logger.info("loaded Qwen3-Embedding %s on %s (%s)", model_id, device, dtype)
+    return loaded
 
 
 class Qwen3Embedder:
     """Unit vectors of queries and documents, as the Qwen3-Embedding model card computes them."""
 
     def __init__(self, loaded: LoadedEmbedder, *, task: str | None = None,
-                 max_length: int = 8192, batch_tokens: int = 16384) -> None:
+                 max_length: int = 8192, batch_tokens: int = 16384,
+                 vectors: LRU[torch.Tensor] | None = None) -> None:
         if max_length < 2 or batch_tokens < 1:
             raise ValueError(f"max_length {max_length} and batch_tokens {batch_tokens} must be "
                              "positive (max_length at least 2)")
         self.loaded, self.task = loaded, task or DEFAULT_TASK
         self.max_length, self.batch_tokens = max_length, batch_tokens
+        #: document vectors per (this model + settings, resource version); none: not cached
+        self.vectors = vectors if vectors is not None else LRU(0)
         #: names this model + settings in cache keys
         self.cache_id = f"{loaded.model_id}|{loaded.device}|{loaded.model.dtype}|{max_length}"
 
@@ -152,13 +159,13 @@ class Qwen3Embedder:
         """(n, hidden) unit vectors of the documents' flattened text, cached per version."""
         keys = [(self.cache_id, _version_key(d.resource, d.full_url)
                  or hashlib.sha256(d.text.encode("utf-8")).hexdigest()) for d in documents]
-        vectors: list[torch.Tensor | None] = [DOC_VECTOR_CACHE.get(k) for k in keys]
+        vectors: list[torch.Tensor | None] = [self.vectors.get(k) for k in keys]
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
             fresh = self.embed([documents[i].text for i in missing])
             for row, i in enumerate(missing):
                 vectors[i] = fresh[row].clone()
-                DOC_VECTOR_CACHE.put(keys[i], vectors[i])
+                self.vectors.put(keys[i], vectors[i])
         logger.debug("dense: %d of %d document vectors from cache", len(documents) - len(missing),
                      len(documents))
         hidden = self.loaded.model.config.hidden_size

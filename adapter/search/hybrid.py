@@ -12,7 +12,7 @@ warning in every Bundle; recall is then BM25 only.
 from __future__ import annotations
 
 import logging
-import threading
+from typing import TYPE_CHECKING
 
 from adapter.config import Settings
 from adapter.errors import ModelLoadError
@@ -21,42 +21,32 @@ from adapter.models import Document, Outcome
 from adapter.search.bm25 import recall_matches
 from adapter.search.fusion import reciprocal_rank_fusion
 
+if TYPE_CHECKING:
+    from adapter.runtime import ModelStore, Runtime
+
 log = logging.getLogger(__name__)
 
-#: Document vectors (float32 tensors, CPU) per (model, resource version): a changed resource
-#: gets a new meta.versionId / lastUpdated and so a new vector; resources without meta are keyed
-#: by a SHA-256 of their flattened text. 4 KB a vector for 0.6B (1024 dims), 16 KB for 8B.
-#: Size: settings.doc_cache_size. Defined here so importing the pipeline does not load torch.
-DOC_VECTOR_CACHE: LRU = LRU(10000)
-
-_embedders: dict[tuple, object] = {}  # settings key → Qwen3Embedder, or the load error text
-_lock = threading.Lock()
+def embedder_key(settings: Settings) -> tuple:
+    """Every setting an embedder is built with (`adapter.runtime.Runtime.embedder` keeps one
+    per distinct key)."""
+    return (settings.embedder, settings.device, settings.dtype, settings.embedder_max_length,
+            settings.batch_tokens, settings.embedder_instruction)
 
 
-def get_embedder(settings: Settings) -> object | None:
-    """The process-wide Qwen3Embedder for the settings, a str saying why it is unavailable,
-    or None when dense recall is off. Loaded (or failed) once; a failure is logged once."""
-    if not settings.embedder.strip():
-        return None
-    key = (settings.embedder, settings.device, settings.dtype, settings.embedder_max_length,
-           settings.batch_tokens, settings.embedder_instruction)
-    with _lock:
-        if key not in _embedders:
-            _embedders[key] = _load(settings)
-        return _embedders[key]
-
-
-def _load(settings: Settings) -> object:
+def build_embedder(settings: Settings, models: "ModelStore | None" = None,
+                   vectors: LRU | None = None) -> object:
+    """A warmed Qwen3Embedder for the settings (weights from `models`, document vectors cached
+    in `vectors`), or the text saying why it cannot be loaded (logged once, here)."""
     from adapter.rerank.qwen3 import pick_device, pick_dtype
     from adapter.search.dense import Qwen3Embedder, load_embedding_model
 
     try:
         device = pick_device(settings.device)
         loaded = load_embedding_model(settings.embedder, device,
-                                      pick_dtype(settings.dtype, device))
+                                      pick_dtype(settings.dtype, device), models)
         embedder = Qwen3Embedder(loaded, task=settings.embedder_instruction or None,
                                  max_length=settings.embedder_max_length,
-                                 batch_tokens=settings.batch_tokens)
+                                 batch_tokens=settings.batch_tokens, vectors=vectors)
         embedder.embed(["warm-up"])
         return embedder
     except ModelLoadError as exc:
@@ -64,32 +54,32 @@ def _load(settings: Settings) -> object:
         return exc.message
 
 
-def reset_embedders() -> None:
-    """Forget loaded embedders (tests)."""
-    with _lock:
-        _embedders.clear()
-
-
 def first_stage(query: str, documents: list[Document], k: int, settings: Settings, *,
-                ordered: bool = True
+                ordered: bool = True, runtime: "Runtime | None" = None
                 ) -> tuple[list[tuple[Document, float, bool]], int, list[Outcome]]:
     """The `k` best documents, best first, as (document, BM25 score, holds a query term); the
     number of documents holding a query term; and any outcome. Like `recall_matches`, whose
     result this is when dense recall is off.
 
     `ordered=False` says only the set matters (every candidate gets reranked): when all the
-    documents fit in `k` the dense ranking then changes nothing and is skipped.
+    documents fit in `k` the dense ranking then changes nothing and is skipped. `runtime`
+    holds the embedder and the caches (none: a runtime for this call alone).
     """
-    embedder = get_embedder(settings) if documents else None
+    if runtime is None:
+        from adapter.runtime import Runtime
+
+        runtime = Runtime(settings)
+    indexes = runtime.caches
+    embedder = runtime.embedder(settings) if documents else None
     if embedder is None:
-        return (*recall_matches(query, documents, k), [])
+        return (*recall_matches(query, documents, k, indexes), [])
     if isinstance(embedder, str):
-        return (*recall_matches(query, documents, k), [Outcome(
+        return (*recall_matches(query, documents, k, indexes), [Outcome(
             "warning", "processing",
             f"dense recall is off, candidates are by keywords only: {embedder}")])
     if len(documents) <= k and not ordered:
-        return (*recall_matches(query, documents, k), [])
-    ranked, matched = recall_matches(query, documents, len(documents))
+        return (*recall_matches(query, documents, k, indexes), [])
+    ranked, matched = recall_matches(query, documents, len(documents), indexes)
     position = {id(d): i for i, d in enumerate(documents)}
     keyword_ranking = [position[id(d)] for d, _, holds in ranked if holds]
     dense_ranking = [i for i, _ in embedder.rank(query, documents)]  # type: ignore[attr-defined]
