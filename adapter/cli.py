@@ -14,8 +14,15 @@ log = logging.getLogger("adapter")
 
 
 def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
+    """The command's settings (config, environment, its flags); logging switches to the
+    settings' `log_format` from here on."""
+    from adapter.logs import configure_logging
+
+    names = names + ("log_format",)
     overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    return load_settings(overrides)
+    settings = load_settings(overrides)
+    configure_logging(args.log_level, settings.log_format)
+    return settings
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -90,9 +97,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from adapter.cli_people import print_bundle_table, progress
     from adapter.fhir import make_source
     from adapter.pipeline import LinkContext, prepare_search, rank_prepared
-    from adapter.rerank import get_reranker
+    from adapter.runtime import Runtime
 
     settings = _settings_from(args, COMMON)
+    runtime = Runtime(settings)
     pairs = [("query", args.query)] + [("_type", t) for t in args.type or []]
     if args.patient:
         pairs.append(("patient", args.patient))
@@ -103,10 +111,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     pairs.append(("_count", str(args.count)))
     parsed = parse_search(pairs, settings, types=None, strict=True, query_param="query")
     links = LinkContext("urn:fhir-rerank:cli", "$rerank", parsed.used)
-    payload = prepare_search(parsed.request, make_source(settings), settings, links)
+    payload = prepare_search(parsed.request, make_source(settings), settings, links,
+                             runtime=runtime)
     with progress("reranking") as bar:
-        bundle = rank_prepared(payload, get_reranker(settings, parsed.request.model),
-                               on_progress=bar, settings=settings)
+        bundle = rank_prepared(payload, runtime.reranker(parsed.request.model),
+                               on_progress=bar, settings=settings, runtime=runtime)
     if args.json or args.pretty:
         json.dump(bundle, sys.stdout, indent=2 if args.pretty else None)
         sys.stdout.write("\n")
@@ -119,13 +128,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from adapter.eval.data import load_qrels, load_topics
     from adapter.eval.runner import evaluate, format_table, write_trec_run
     from adapter.fhir import make_source
-    from adapter.rerank import get_reranker
+    from adapter.runtime import Runtime
 
     settings = _settings_from(args, COMMON)
     topics = load_topics(args.topics)
     qrels = load_qrels(args.qrels)
-    reranker = get_reranker(settings)
-    result = evaluate(topics, qrels, make_source(settings), reranker, settings,
+    runtime = Runtime(settings)
+    result = evaluate(topics, qrels, make_source(settings), runtime.reranker(), settings,
+                      runtime=runtime,
                       stage=args.stage, depth=args.depth)
     sys.stdout.write(format_table(result, ((t.qid, t.query) for t in topics)) + "\n")
     if result.unjudged:
@@ -180,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fhir-rerank {__version__}")
     parser.add_argument("--log-level", default="INFO",
                         help="DEBUG, INFO (default), WARNING or ERROR")
+    parser.add_argument("--log-format", dest="log_format", choices=["text", "json"],
+                        help="log lines as text or one JSON object a line (setting log_format; "
+                             "default text)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = _parser(sub, "serve", "serve the FHIR API and the rerank API (/v1/rerank)",
@@ -255,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from adapter.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format or "text")
     from adapter.errors import AdapterError
 
     try:

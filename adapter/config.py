@@ -73,6 +73,7 @@ class Settings:
     max_parameters: int = 100
     max_json_depth: int = 32
     readyz_timeout: float = 2.0
+    log_format: str = "text"
     # keyword stage
     keyword_list_unmatched: bool = False
     # --- jobs: isolation, heartbeats, deadlines (issue 8) ---
@@ -173,4 +174,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see config/default.toml")
-    return Settings(**{name: _coerce(name, value) for name, value in values.items()})
+    settings = Settings(**{name: _coerce(name, value) for name, value in values.items()})
+    if settings.log_format not in ("text", "json"):
+        raise ValueError(f"setting log_format: {settings.log_format!r} is not text or json")
+    return settings

@@ -27,7 +27,11 @@ REQUEST_SECONDS = Histogram("fhir_rerank_request_duration_seconds",
                             "Time to answer an HTTP request", ["route", "method"],
                             buckets=LATENCY_BUCKETS)
 JOBS = Counter("fhir_rerank_jobs_total",
-               "Search jobs by state reached (submitted, done, failed, cancelled)", ["state"])
+               "Search jobs by state reached (submitted, done, failed, cancelled); a finished "
+               "job counts once, when its answer is first read", ["state"])
+QUEUE_WAIT = Histogram("fhir_rerank_job_queue_wait_seconds",
+                       "Time a job waited in its queue before a worker started it (observed "
+                       "once per job, when its answer is first read)", buckets=LATENCY_BUCKETS)
 STAGE_SECONDS = Histogram("fhir_rerank_stage_duration_seconds",
                           "Time per pipeline stage (fetch, flatten, recall, rerank)", ["stage"],
                           buckets=LATENCY_BUCKETS)

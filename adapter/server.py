@@ -161,8 +161,8 @@ def build_app(settings: Settings) -> Any:
     import sys
 
     from adapter import create_app
+    from adapter.api.state import state_of
     from adapter.errors import ModelLoadError
-    from adapter.rerank import get_reranker
 
     stop = threading.Event()
     threading.Thread(target=_heartbeat_while_loading, args=(stop,), daemon=True,
@@ -171,16 +171,14 @@ def build_app(settings: Settings) -> Any:
         app = create_app(settings)
         if not settings.redis_url:
             try:
-                reranker = get_reranker(settings)
+                reranker = state_of(app).runtime.reranker()
             except ModelLoadError as exc:
                 log.error("refusing to start (reranker_required=true): %s", exc.message)
                 sys.exit(APP_LOAD_ERROR)
-            if not getattr(reranker, "fallback_reason", None):  # else get_reranker said why
+            if not getattr(reranker, "fallback_reason", None):  # else loading said why
                 log.info("reranker: %s", reranker.describe())
         if settings.embedder.strip():  # dense recall runs here, in the API process
-            from adapter.search.hybrid import get_embedder
-
-            embedder = get_embedder(settings)  # one warning line when it cannot be loaded
+            embedder = state_of(app).runtime.embedder()  # one warning when it cannot load
             if not isinstance(embedder, str):
                 log.info("dense recall: %s fused with BM25 (rrf_k=%d)",
                          embedder.describe(), settings.rrf_k)  # type: ignore[attr-defined]
@@ -199,10 +197,27 @@ def server_processes(settings: Settings) -> int:
     return 2 * max(1, os.cpu_count() or 1) if settings.redis_url else 1
 
 
+def _json_gunicorn_logger() -> type:
+    """gunicorn's logger with JSON lines (`log_format = json`): its own lines (booting,
+    worker exits) then read like the app's."""
+    from gunicorn.glogging import Logger
+
+    from adapter.logs import JsonFormatter
+
+    class JsonGunicornLogger(Logger):
+        def _set_handler(self, log: Any, output: Any, fmt: Any, stream: Any = None) -> None:
+            super()._set_handler(log, output, JsonFormatter(), stream)
+
+    return JsonGunicornLogger
+
+
 def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, Any]:
     from adapter.metrics import mark_process_dead
 
-    return {
+    extra: dict[str, Any] = {}
+    if settings.log_format == "json":
+        extra["logger_class"] = _json_gunicorn_logger()
+    return {**extra,
         "bind": f"{settings.host}:{settings.port}",
         "workers": server_processes(settings),
         "threads": max(1, settings.server_threads),

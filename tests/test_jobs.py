@@ -124,8 +124,17 @@ def runner(client) -> CeleryJobRunner:
     return client.application.extensions["fhir_rerank"].jobs
 
 
+def _samples() -> tuple[float, float]:
+    from prometheus_client import REGISTRY
+
+    done = REGISTRY.get_sample_value("fhir_rerank_jobs_total", {"state": "done"}) or 0.0
+    waits = REGISTRY.get_sample_value("fhir_rerank_job_queue_wait_seconds_count") or 0.0
+    return done, waits
+
+
 def test_async_lifecycle_matches_sync_and_inprocess(client, settings, workers):
     expected = comparable_bundle(inprocess_bundle(settings, SEARCH))
+    done_before, waits_before = _samples()
     sync = client.get(SEARCH)
     assert sync.status_code == 200, sync.get_data(as_text=True)[:300]
     path = job_path(client.get(SEARCH, headers=ASYNC))
@@ -134,7 +143,10 @@ def test_async_lifecycle_matches_sync_and_inprocess(client, settings, workers):
     assert client.get(path).get_json() == done.get_json()  # readable until it expires
     status = runner(client).status(path.rsplit("/", 1)[1], ANYONE)
     assert status.worker == workers["default"].hostname
+    assert status.first_read is False and 0 <= status.queue_wait_s < 60
     assert comparable_bundle(done.get_json()) == comparable_bundle(sync.get_json()) == expected
+    # Two jobs finished: each counted once (with its queue wait), however often it was read.
+    assert _samples() == (done_before + 2, waits_before + 2)
 
 
 def test_model_routes_to_its_tier_queue(client, settings, workers, models):
@@ -298,7 +310,7 @@ def test_a_tier_no_worker_consumes_is_503_naming_the_command(settings, workers, 
         assert "no worker consumes the nobody tier" in issue["diagnostics"]
         assert "fhir-rerank worker --tiers nobody" in issue["diagnostics"]
         assert resp.headers["Retry-After"]
-    live = live_workers(load_settings(settings, env={}), cached=False)
+    live = live_workers(load_settings(settings, env={}))
     assert live.get("rerank.default") == 1 and live.get("rerank.4B") == 1
     assert "rerank.nobody" not in live
 

@@ -98,7 +98,16 @@ def test_async_lifecycle_matches_the_sync_answer(tiny_model_dir):
     assert done.status_code == 200 and done.get_json()["resourceType"] == "Bundle"
     assert comparable_bundle(done.get_json()) == comparable_bundle(sync.get_json())
     assert done.get_json()["total"] > 10 and len(done.get_json()["entry"]) >= 10
+    from test_jobs import _samples
+
+    before = _samples()
     assert client.get(path).status_code == 200  # readable again until it expires
+    assert _samples() == before  # a finished job is counted once, not per read
+    from adapter.identity import caller_identity
+
+    status = app.extensions["fhir_rerank"].jobs.status(path.rsplit("/", 1)[1],
+                                                       caller_identity(None))
+    assert status.first_read is False and 0 <= status.queue_wait_s < 30
 
 
 def test_only_the_creator_reads_or_cancels(tiny_model_dir):

@@ -3,7 +3,8 @@ names, questions, notes, attachments, filter values and upstream diagnostics; no
 searches, bad input, malformed request lines, upstream faults, unreadable files and jobs on
 a real Celery worker run through real `fhir-rerank serve` processes; then every line the API
 processes, the worker and their libraries (urllib3, celery, werkzeug/gunicorn) wrote at INFO
-and above — their whole output — is scanned: zero canaries."""
+and above — their whole output — is scanned: zero canaries. The REST API and the worker log
+JSON lines (`log_format = json`), the file-source API text lines: both formats are scanned."""
 from __future__ import annotations
 
 import base64
@@ -144,7 +145,7 @@ def test_no_canary_reaches_any_log_line(fhir, canary_record, canary_files, redis
                 "reranker": "qwen3", "model": str(tiny_model_dir),
                 "models_allowed": [str(tiny_model_dir)], "device": "cpu", "max_length": 256,
                 "batch_tokens": 256, "fhir_retries": 1, "fhir_backoff": 0.05,
-                "upstream_deadline": 3, "fhir_timeout": 2}
+                "upstream_deadline": 3, "fhir_timeout": 2, "log_format": "json"}
     worker = celery_workers.start("canary", [], settings, tiers=["default"])
     api = ServeProcess("api-rest", settings_env(settings), tmp_path)
     files_api = ServeProcess("api-files", settings_env(
@@ -215,6 +216,15 @@ def test_no_canary_reaches_any_log_line(fhir, canary_record, canary_files, redis
         outputs["worker"] = worker.log()
     assert 200 in answered and 202 in answered and 400 in answered and 504 in answered
     assert 500 not in answered, answered
+    lines = [json.loads(line) for line in outputs["api-rest"].splitlines() if line.strip()]
+    assert {line["logger"] for line in lines} >= {"adapter.access", "gunicorn.error"}
+    access = [line for line in lines if line["logger"] == "adapter.access"]
+    assert len(access) >= len(answered) and all(
+        len(line["request_id"]) == 32 and line["route"] and isinstance(line["status"], int)
+        and line["duration_ms"] >= 0 for line in access)
+    worker_lines = [json.loads(line) for line in outputs["worker"].splitlines()
+                    if line.startswith("{")]
+    assert sum("reranking with" in line["message"] for line in worker_lines) >= 5
     assert outputs["worker"].count("reranking with") >= 5  # the jobs ran on the worker
     assert "skipped part of a data file" in outputs["api-files"]  # unreadable files were met
     leaks = {name: _lines_with_canaries(text) for name, text in outputs.items()}

@@ -24,7 +24,7 @@ from adapter.api.hosts import api_base
 from adapter.api.state import state
 from adapter.jobs import JobStatus
 from adapter.jobs.runners import Prepare
-from adapter.metrics import JOBS
+from adapter.metrics import JOBS, QUEUE_WAIT
 from adapter.rerank.usage import count_usage, usage_from_bundle
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,13 @@ def _accepted(job_id: str, status: JobStatus | None = None) -> Response:
 
 def job_response(job_id: str, status: JobStatus) -> Response:
     """The HTTP answer for a job's status: 202 + progress, 200 + Bundle, or the error."""
-    if status.state in ("done", "failed"):
-        JOBS.labels(status.state).inc()  # each delivery of a finished job's answer
+    if status.finished and status.first_read:  # once per job, however often it is read
+        JOBS.labels(status.state).inc()
+        if status.queue_wait_s is not None:
+            QUEUE_WAIT.observe(status.queue_wait_s)
     if status.state == "done" and status.bundle is not None:
         usage = usage_from_bundle(status.bundle)
-        if usage:
+        if usage and status.first_read:
             count_usage(usage, "fhir")
         return fhir_response(status.bundle, headers=usage.headers() if usage else None)
     if status.state == "failed":

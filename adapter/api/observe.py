@@ -1,5 +1,8 @@
-"""Per-request bookkeeping: the access log line and the request metrics.
+"""Per-request bookkeeping: the request id, the access log line and the request metrics.
 
+Every request gets a fresh id (32 hex digits), answered in `X-Request-ID` and carried by
+every log line written while serving it (`log_format = json`). A caller's own X-Request-ID
+is not reused: it is the caller's free text, and could name a patient.
 The access log names the method, the path with patient ids masked (never the query string),
 the status and the duration. Metrics label by route template (`/fhir/<resource_type>`), never
 by the path itself.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 from flask import Flask, Response, g, request
 
@@ -26,6 +30,7 @@ def register_request_hooks(app: Flask) -> None:
     @app.before_request
     def _start_clock() -> None:
         g.request_started = time.perf_counter()
+        g.request_id = uuid.uuid4().hex
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -37,6 +42,11 @@ def register_request_hooks(app: Flask) -> None:
         route, method = _route_template(), request.method
         REQUESTS.labels(route, method, str(response.status_code)).inc()
         REQUEST_SECONDS.labels(route, method).observe(elapsed)
-        access_log.info("%s %s %s %.0f ms", method, redact_path(request.path),
-                        response.status_code, elapsed * 1000)
+        path = redact_path(request.path)
+        request_id = g.get("request_id") or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        access_log.info("%s %s %s %.0f ms", method, path, response.status_code, elapsed * 1000,
+                        extra={"request_id": request_id, "method": method, "route": route,
+                               "path": path, "status": response.status_code,
+                               "duration_ms": round(elapsed * 1000, 1)})
         return response

@@ -17,6 +17,7 @@ from adapter.api.identity import caller_identity
 from adapter.api.rerank_jobs import format_answer, models_list, parse_rerank_request
 from adapter.api.state import state
 from adapter.errors import AdapterError, UpstreamTimeout, Unauthorized
+from adapter.metrics import QUEUE_WAIT
 from adapter.rerank.usage import Usage, count_usage, format_usd
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ def _rerank(route: str) -> Response:
                            api_code=err.get("code"))
     answer = format_answer(payload, status.bundle)
     count_usage(Usage(**status.bundle["usage"]), "rerank")
+    if status.queue_wait_s is not None:
+        QUEUE_WAIT.observe(status.queue_wait_s)
     response = jsonify(answer)
     response.headers["X-Usage-Tokens"] = str(answer["usage"]["total_tokens"])
     response.headers["X-Usage-Cost-USD"] = format_usd(answer["usage"]["cost_usd"])

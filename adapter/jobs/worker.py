@@ -22,6 +22,7 @@ from adapter.config import Settings, load_settings
 from adapter.jobs.app import make_celery
 from adapter.jobs.heartbeat import WorkerBeat
 from adapter.jobs.routing import models_for_queues, worker_queues
+from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,11 @@ _worker_queues: list[str] = []
 
 
 def make_worker_app(settings: Settings | None = None) -> Celery:
-    """The Celery app a worker runs: the task registered, the start-up signals connected."""
-    from adapter.pipeline import apply_cache_size
-
+    """The Celery app a worker runs: the task registered, the start-up signals connected, and
+    its runtime (`app.fhir_runtime`: caches and models; each prefork child loads its own)."""
     settings = settings or load_settings()
-    apply_cache_size(settings.doc_cache_size)
     app = make_celery(settings)
+    app.fhir_runtime = Runtime(settings)
     import adapter.jobs.task  # noqa: F401 - registers the shared task on this app
 
     _quiet_task_results()
@@ -45,7 +45,18 @@ def make_worker_app(settings: Settings | None = None) -> Celery:
     signals.worker_shutdown.connect(_stop_beat, weak=False, dispatch_uid="fhir-rerank-unbeat")
     signals.worker_process_init.connect(_load_models, weak=False,
                                         dispatch_uid="fhir-rerank-load-models")
+    if settings.log_format == "json":
+        for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
+            signal.connect(_json_lines, weak=False, dispatch_uid=f"fhir-rerank-json-{signal}")
     return app
+
+
+def _json_lines(logger: logging.Logger | None = None, **_: object) -> None:
+    """`log_format = json`: Celery's handlers (worker and task loggers) write JSON lines."""
+    from adapter.logs import use_format
+
+    if logger is not None:
+        use_format(logger, "json")
 
 
 def _quiet_task_results() -> None:
@@ -84,15 +95,16 @@ def _load_models(**_: object) -> None:
     """Load and warm the reranker(s) for this worker's queues, once per worker process."""
     from celery import current_app
 
-    from adapter.rerank import get_reranker
+    from adapter.jobs.task import runtime_of
 
     settings: Settings = getattr(current_app, "fhir_settings", None) or load_settings()
+    runtime = runtime_of(current_app)
     models = models_for_queues(settings, _worker_queues)
     if not models:
         log.warning("worker queues %s match no allowed model (models_allowed, model_queues); "
                     "jobs will load their model on first use", ",".join(_worker_queues))
     for model in models:
-        reranker = get_reranker(settings, model)
+        reranker = runtime.reranker(model)
         log.info("worker process %s ready: %s", os.getpid(), reranker.describe())
 
 
@@ -109,6 +121,7 @@ def run_worker(settings: Settings, tiers: list[str], concurrency: int = 1,
     app = make_worker_app(settings)
     log.info("worker for queues %s (%s pool, concurrency %d)", ",".join(queues), pool,
              concurrency)
-    app.worker_main(["worker", "-Q", ",".join(queues), "--concurrency", str(concurrency),
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # no text banner
+    app.worker_main([*quiet, "worker", "-Q", ",".join(queues), "--concurrency", str(concurrency),
                      "--pool", pool, "--loglevel", loglevel, "--without-mingle",
                      "--without-gossip", "-n", f"rerank-{os.getpid()}@%h"])
