@@ -13,14 +13,16 @@ from adapter.config import load_settings
 log = logging.getLogger("adapter")
 
 
+def _overrides(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
     """The command's settings (config, environment, its flags); logging switches to the
     settings' `log_format` from here on."""
     from adapter.logs import configure_logging
 
-    names = names + ("log_format",)
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    settings = load_settings(overrides)
+    settings = load_settings(_overrides(args, names + ("log_format",)))
     configure_logging(args.log_level, settings.log_format)
     return settings
 
@@ -85,11 +87,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from adapter.jobs.worker import run_worker
 
+    devices = _worker_devices(args)
     settings = _settings_from(args, COMMON)
     tiers = [t.strip() for t in (args.tiers or settings.model).split(",") if t.strip()]
-    run_worker(settings, tiers, concurrency=args.concurrency, pool=args.pool,
-               loglevel=args.loglevel)
+    if devices:
+        from adapter.jobs.app import make_celery
+        from adapter.jobs.devices import run_device_workers
+        from adapter.jobs.routing import worker_queues
+
+        make_celery(settings, set_as_current=False)  # no redis_url, a bad key: fail here once
+        worker_queues(settings, tiers)
+        return run_device_workers(devices, tiers, _overrides(args, COMMON + ("log_format",)),
+                                  pool=args.pool, loglevel=args.loglevel,
+                                  log_level=args.log_level,
+                                  grace_s=settings.task_time_limit + 30)
+    if args.supervisor_pid:
+        from adapter.jobs.devices import die_with_parent
+
+        die_with_parent(args.supervisor_pid)
+    run_worker(settings, tiers, concurrency=args.concurrency or 1, pool=args.pool,
+               loglevel=args.loglevel, name=args.name)
     return 0
+
+
+def _worker_devices(args: argparse.Namespace) -> list[str]:
+    """`--devices` parsed and checked against the flags it replaces (one-line errors)."""
+    if args.devices is None:
+        return []
+    from adapter.jobs.devices import parse_devices
+
+    devices = parse_devices(args.devices)
+    if args.device:
+        raise ValueError("--device and --devices together: --devices sets each worker's "
+                         "device; drop --device")
+    if args.concurrency not in (None, 1):
+        raise ValueError("--concurrency with --devices: each device gets one worker process; "
+                         "list a device once per worker instead")
+    if args.name:
+        raise ValueError("--name with --devices: each device's worker is named "
+                         "rerank-<pid>.<i>@<host>; drop --name")
+    return devices
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -205,12 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     worker = _parser(sub, "worker", "run a Celery worker for some model tiers",
-                     "fhir-rerank worker --redis-url redis://127.0.0.1:6379/0 --tiers 0.6B")
+                     "fhir-rerank worker --redis-url redis://127.0.0.1:6379/0 --tiers 0.6B\n"
+                     "  fhir-rerank worker --tiers 8B --devices cuda:0,cuda:1,cuda:2,cuda:3")
     _add_common(worker)
     worker.add_argument("--tiers", help="comma-separated tiers to serve (default: --model)")
-    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    worker.add_argument("--devices",
+                        help="one worker process per device, supervised: cuda:0,cuda:1 "
+                             "(or cpu,cpu); see docs/JOBS.md")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="worker processes (default 1)")
     worker.add_argument("--pool", default="prefork", help="Celery pool: prefork, threads, solo")
     worker.add_argument("--loglevel", default="INFO", help="the worker's log level")
+    worker.add_argument("--name", help="Celery node name (default rerank-<pid>@%%h)")
+    worker.add_argument("--supervisor-pid", dest="supervisor_pid", type=int,
+                        help=argparse.SUPPRESS)  # set by --devices for its children
     worker.set_defaults(func=cmd_worker)
 
     search = _parser(sub, "search", "search a patient's record by meaning; prints a table",

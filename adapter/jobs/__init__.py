@@ -8,6 +8,7 @@
     app.py            the Celery app factory
     heartbeat.py      worker and job heartbeats in Redis; stale jobs handed over
     worker.py         what a worker process runs (`fhir-rerank worker`, `celery -A celery_app`)
+    devices.py        `fhir-rerank worker --devices`: one supervised worker per GPU
 
 `live_workers(settings) -> {queue: count}` is what the readiness check asks.
 """

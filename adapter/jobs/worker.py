@@ -109,8 +109,9 @@ def _load_models(**_: object) -> None:
 
 
 def run_worker(settings: Settings, tiers: list[str], concurrency: int = 1,
-               pool: str = "prefork", loglevel: str = "INFO") -> None:
-    """Run a Celery worker for `tiers` in this process until it is stopped (blocks)."""
+               pool: str = "prefork", loglevel: str = "INFO", name: str | None = None) -> None:
+    """Run a Celery worker for `tiers` in this process until it is stopped (blocks). `name`
+    is its node name (default `rerank-<pid>@%h`; `--devices` names its children)."""
     if not tiers:
         raise ValueError("no tiers given; e.g. --tiers 0.6B or --tiers 0.6B,4B")
     queues = worker_queues(settings, tiers)
@@ -124,4 +125,4 @@ def run_worker(settings: Settings, tiers: list[str], concurrency: int = 1,
     quiet = ["--quiet"] if settings.log_format == "json" else []  # no text banner
     app.worker_main([*quiet, "worker", "-Q", ",".join(queues), "--concurrency", str(concurrency),
                      "--pool", pool, "--loglevel", loglevel, "--without-mingle",
-                     "--without-gossip", "-n", f"rerank-{os.getpid()}@%h"])
+                     "--without-gossip", "-n", name or f"rerank-{os.getpid()}@%h"])
