@@ -238,7 +238,7 @@ def flatten_resource(resource: dict, attachment_loader: Callable[[str], tuple[st
 # not at all when an attachment could not be loaded (the next search tries again).
 
 
-def _version_key(resource: dict, full_url: str) -> tuple | None:
+def version_key(resource: dict, full_url: str) -> tuple | None:
     """What identifies this resource version for the caches: its `meta.versionId` /
     `meta.lastUpdated` when the server gives them, else a digest of its content (files and
     servers without meta: the same content always flattens to the same text). None when the
@@ -291,7 +291,7 @@ def attachment_urls(resource: Any) -> list[str]:
 def cached_text(resource: dict, full_url: str, caller: str, cache: LRU[str] | None
                 ) -> str | None:
     """The text of this resource version that `caller` may see, from `cache`, or None."""
-    key = _version_key(resource, full_url) if isinstance(resource, dict) and cache else None
+    key = version_key(resource, full_url) if isinstance(resource, dict) and cache else None
     if key is None or cache is None:
         return None
     return cache.get(key) or cache.get(key + ("caller", caller))
@@ -303,7 +303,7 @@ def _flatten_cached(resource: dict, full_url: str, loader: AttachmentLoader | No
 
     Text that fetched nothing is shared by every caller (the key is the version); text that
     asked the loader for a URL is kept under (version, caller) only."""
-    key = _version_key(resource, full_url) if cache is not None else None
+    key = version_key(resource, full_url) if cache is not None else None
     if key is None or cache is None:
         return _safe_flatten(resource, loader)
     if loader is None:
@@ -340,7 +340,7 @@ def validation_outcome(documents: list[Document], cache: LRU[list[str]] | None =
     Names type and id only, never content."""
     lenient: list[str] = []
     for doc in documents:
-        problems = _cached(cache, _version_key(doc.resource, doc.full_url) if cache else None,
+        problems = _cached(cache, version_key(doc.resource, doc.full_url) if cache else None,
                            lambda doc=doc: validation_problems(doc.resource))
         if problems:
             lenient.append(doc.id)

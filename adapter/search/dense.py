@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from adapter.errors import ModelLoadError
-from adapter.fhir.flatten import _version_key
+from adapter.fhir.flatten import version_key
 from adapter.models import Document
 from adapter.lru import LRU
 from adapter.rerank.qwen3 import (_attn_implementation, hub_options, load_attempt,
@@ -157,7 +157,7 @@ class Qwen3Embedder:
 
     def document_vectors(self, documents: Sequence[Document]) -> torch.Tensor:
         """(n, hidden) unit vectors of the documents' flattened text, cached per version."""
-        keys = [(self.cache_id, _version_key(d.resource, d.full_url)
+        keys = [(self.cache_id, version_key(d.resource, d.full_url)
                  or hashlib.sha256(d.text.encode("utf-8")).hexdigest()) for d in documents]
         vectors: list[torch.Tensor | None] = [self.vectors.get(k) for k in keys]
         missing = [i for i, v in enumerate(vectors) if v is None]
