@@ -51,6 +51,8 @@ def test_time_budget_with_the_qwen3_engine_keeps_what_its_measured_speed_allows(
     assert [d.id for d in kept] == ["Observation/o0", "Observation/o1", "Observation/o2"]
     assert scores == [0, 1, 2]
     assert len(outcomes) == 1 and "3 of the 8 candidates" in outcomes[0].diagnostics
+    assert "the 3 best by the first stage were reranked and 5 were left out" in \
+        outcomes[0].diagnostics
     assert "raise `rerank_budget_s`" in outcomes[0].diagnostics
     assert outcomes[0].expression == ("rerank_budget_s",)
     whole = {**req, "rerank_budget_s": sum(lengths) * 1.01 / reranker.tokens_per_s}
@@ -97,6 +99,7 @@ def test_api_reports_a_budget_cut(tiny_model_dir):
     assert len(matches(bundle)) == 1
     notes = [i for i in outcome_issues(bundle) if "rerank_budget_s" in i.get("expression", [])]
     assert len(notes) == 1 and "1 of the" in notes[0]["diagnostics"]
+    assert "so the best one by the first stage was reranked and" in notes[0]["diagnostics"]
     assert "rerank_budget_s=1e-06" in bundle["link"][0]["url"]
 
 

@@ -83,10 +83,13 @@ def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: 
     if kept >= len(docs):
         return docs, recall_scores, []
     whole = f"; about {sum(lengths) / speed:.0f} s would rerank all" if lengths else ""
+    best = "the best one by the first stage was" if kept == 1 else \
+        f"the {kept} best by the first stage were"
+    left = len(docs) - kept
     outcome = Outcome(
         "information", "informational",
         f"rerank_budget_s={budget:g}: the reranker (measured {speed:.0f} tokens/s) can score "
-        f"{kept} of the {len(docs)} candidates in time, so the {kept} best by the first stage "
-        f"were reranked and {len(docs) - kept} were left out{whole}; raise `rerank_budget_s` "
-        "to rerank more", ("rerank_budget_s",))
+        f"{kept} of the {len(docs)} candidates in time, so {best} reranked and {left} "
+        f"{'was' if left == 1 else 'were'} left out{whole}; raise `rerank_budget_s` to rerank "
+        "more", ("rerank_budget_s",))
     return docs[:kept], recall_scores[:kept], [outcome]
