@@ -78,6 +78,25 @@ def test_stopwords_never_rank(word: str) -> None:
     assert scores == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("word", ["severity", "stage", "method", "date", "type", "content",
+                                  "german", "characters"])
+def test_the_comments_of_the_stopword_files_are_not_stopwords(word: str) -> None:
+    """Words of the files' `#` comments ("Words with clinical meaning (stage, severity,
+    method, date) are not listed") once became stopwords; they keep their weight."""
+    assert word not in load_lexicon().stopwords
+    assert weighted_query(f"{word} anemia")[word] == USER_WEIGHT
+
+
+def test_ct_is_the_users_word_and_snomed_ct_is_not_a_ct() -> None:
+    weights = weighted_query("CT")
+    assert weights["ct"] == USER_WEIGHT and weights["tomography"] == EXPANSION_WEIGHT
+    texts = ["Asthma (SNOMED CT 195967001) Onset: 2019", "Imaging: CT of the chest, no nodules",
+             "Fracture of ankle (SNOMED CT 16114001)"]
+    scores = BM25Index(texts).scores("CT")
+    assert scores[1] > 0.0 and scores[0] == scores[2] == 0.0
+    assert "ct" not in load_lexicon().stopwords
+
+
 def test_a_loinc_code_matches_by_its_number_not_its_check_digit() -> None:
     weights = weighted_query("4548-4")
     assert weights == {"4548": USER_WEIGHT}

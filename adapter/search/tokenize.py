@@ -10,7 +10,10 @@ Rules, in order:
   and every "5"); "7.50" and "7.5" stay different tokens.
 - Han, Hiragana, Katakana and Hangul runs give character unigrams plus bigrams ("糖尿病" →
   糖, 尿, 病, 糖尿, 尿病): no dictionary is needed and a Chinese or Japanese query matches.
-- No stopword list: BM25's idf already discounts words found everywhere.
+- "SNOMED CT" is one name: the "ct" after "snomed" is dropped, so the flattener's code-system
+  label ("(SNOMED CT 44054006)" on every coded record) does not make a question about a CT
+  scan match every Condition.
+- No stopword list here (the query side drops stopwords: adapter/search/expand.py).
 """
 from __future__ import annotations
 
@@ -36,12 +39,18 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFC", kept)
 
 
+def _drop_snomed_ct(tokens: list[str]) -> list[str]:
+    return [t for i, t in enumerate(tokens) if not (t == "ct" and i and tokens[i - 1] == "snomed")]
+
+
 def tokenize(text: str) -> list[str]:
     """Text → BM25 tokens (see the module docstring for the rules). "" → []."""
     if not text:
         return []
     if text.isascii():  # fast path (most FHIR text): NFKC and accent folding change nothing
-        return _ASCII_TOKEN.findall(text.lower())
+        lowered = text.lower()
+        tokens = _ASCII_TOKEN.findall(lowered)
+        return _drop_snomed_ct(tokens) if "snomed" in lowered else tokens
     tokens: list[str] = []
     for match in _TOKEN.finditer(fold(text)):
         cjk = match.group("cjk")
@@ -50,4 +59,4 @@ def tokenize(text: str) -> list[str]:
             continue
         tokens.extend(cjk)  # unigrams
         tokens.extend(cjk[i:i + 2] for i in range(len(cjk) - 1))  # bigrams
-    return tokens
+    return _drop_snomed_ct(tokens) if "snomed" in tokens else tokens

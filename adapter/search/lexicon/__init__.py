@@ -9,7 +9,7 @@ Files (tab-separated, `|` between alternatives, `#` starts a comment line; see R
 - `i18n/<lang>.tsv`: `id  term|term` — the concept's names in another language (triggers).
 - `ambiguous.tsv`: `abbreviation  id  context|context` — one line per sense of an abbreviation
   that must not expand on its own (see expand.py for the rule).
-- `stopwords/<lang>.txt`: function words, whitespace-separated; they never rank.
+- `stopwords/<lang>.txt`: function words, whitespace-separated (`#` starts a comment); they never rank.
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def _tokens(texts: list[str], stopwords: frozenset[str]) -> list[str]:
 def load_lexicon(root: Path = HERE) -> Lexicon:
     """Read and check the lexicon; a broken file is a programming error (ValueError)."""
     stopwords = frozenset(word for path in sorted((root / "stopwords").glob("*.txt"))
-                          for word in tokenize(path.read_text(encoding="utf-8")))
+                          for line in path.read_text(encoding="utf-8").splitlines()
+                          for word in tokenize(line.split("#", 1)[0]))  # comments are not words
     concepts: dict[str, Concept] = {}
     for path in sorted((root / "concepts").glob("*.tsv")):
         for row in _rows(path):
