@@ -31,8 +31,14 @@ def test_loads_a_checkpoint_directory_like_a_user_download(tiny_model_dir, reran
     assert isinstance(reranker, Reranker) and reranker.is_model and reranker.name == "qwen3"
     assert reranker.describe() == f"Qwen3-Reranker ({tiny_model_dir}, cpu, float32)"
     assert type(reranker.loaded.model) is type(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    again = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32")
-    assert again.loaded is reranker.loaded  # one load per process
+    from adapter.runtime import ModelStore
+
+    models = ModelStore()  # an app's store: one load, shared by every reranker built on it
+    first = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32", models=models)
+    again = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32", batch_tokens=64,
+                          models=models)
+    assert again.loaded is first.loaded and len(models) == 1
+    assert first.loaded is not reranker.loaded  # no store: a load of its own, no global
 
 
 def test_from_settings_uses_the_configured_model(tiny_model_dir):
