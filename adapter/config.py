@@ -43,6 +43,8 @@ class Settings:
     dtype: str = "auto"
     max_length: int = 8192
     batch_tokens: int = 16384
+    attention: str = "auto"
+    cuda_graphs: bool = False
     instruction: str = ("Given a clinician's question about a patient, retrieve the parts of "
                         "the patient's record that answer it")
     reranker_required: bool = False

@@ -1,12 +1,18 @@
-"""Throughput of the Qwen3-Reranker engine against the model card's recipe, in one run.
+"""Throughput of the Qwen3-Reranker engines against the model card's recipe, in one run.
 
 Random weights with the real 0.6B / 4B / 8B architectures (speed does not depend on weight
 values), built directly in the target dtype on the target device: nothing is downloaded.
 One shared document set with a realistic length spread: most documents 100–600 tokens, ~4 %
-notes of several thousand. Prints tokens/s, engine/card ratio, MFU and peak memory; writes JSON.
+notes of several thousand. Engines: `padded` (length-sorted right-padded batches), `packed`
+(padding-free batches under a flex-attention mask) and, on CUDA, `graphs` (packed batches
+replayed as CUDA graphs). Prints tokens/s, ratio to the card, MFU, peak memory and the largest
+score difference to the card per engine; writes JSON.
 
-    python bench/rerank_throughput.py --config 0.6B --device cpu --docs 48
+    python bench/rerank_throughput.py --config 0.6B --device cpu --docs 8 --max-doc-tokens 600 --batch-tokens 4096
     python bench/rerank_throughput.py --config 8B --device cuda --docs 256 --json bench/results/8b.json
+
+On a CPU the packed engine runs flex attention eagerly, which materialises each batch's
+(heads × length × keys) scores: keep --batch-tokens small there (it is for checking, not speed).
 
 Tokens are counted per (instruction, query, document) pair as the card feeds them (prefix and
 suffix included), so the engine's shared-prefix reuse shows up as higher tokens/s and MFU.
@@ -32,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from adapter.rerank.base import ScoreOptions  # noqa: E402
-from adapter.rerank.qwen3 import Qwen3Reranker  # noqa: E402
+from adapter.rerank.qwen3 import DEFAULT_INSTRUCTION, Qwen3Reranker  # noqa: E402
 from adapter.rerank.tiny import QWEN3_VOCAB_SIZE, build_qwen_tokenizer  # noqa: E402
 from oracle_recipe import CardRecipe  # noqa: E402  (the card's recipe, line for line)
 
@@ -120,6 +126,22 @@ def timed(device: str, fn) -> tuple[list[float], float, float]:
     return scores, time.perf_counter() - start, _peak_memory_gb(device)
 
 
+ENGINES = {  # name → Qwen3Reranker options
+    "padded": {"attention": "padded"},
+    "packed": {"attention": "packed"},
+    "graphs": {"attention": "packed", "cuda_graphs": True},
+}
+
+
+def engine_names(requested: str, device: str) -> list[str]:
+    """The engines to time: `graphs` only on CUDA (off CUDA it would be `packed` again)."""
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ENGINES]
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {', '.join(unknown)}; pick from {', '.join(ENGINES)}")
+    return [n for n in names if n != "graphs" or device == "cuda"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(ARCHS), default="0.6B")
@@ -131,73 +153,109 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--max-doc-tokens", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-card", action="store_true", help="time the engine only")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--engines", default="padded,packed,graphs",
+                        help="comma-separated: padded, packed, graphs (graphs: CUDA only)")
+    parser.add_argument("--skip-card", action="store_true", help="time the engines only")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a checkpoint directory whose Qwen tokenizer to use (e.g. "
+                             "tests/.tiny-model/v2-tied-seed0) instead of building it from "
+                             "dashscope's qwen.tiktoken")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="written after every timed row, so a run cut short keeps its rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     docs_count = args.docs or (256 if args.device == "cuda" else 48)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
 
-    tokenizer = build_qwen_tokenizer()
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = build_qwen_tokenizer()
     docs = document_set(tokenizer, docs_count, args.seed, args.max_doc_tokens)
     peak = bf16_peak_tflops(args.device)
     started = time.perf_counter()
     model, non_embedding = random_model(args.config, args.device, dtype)
     log.info("built %s (%.2fB non-embedding params) on %s in %.1f s; bf16 peak %.1f TFLOP/s",
              args.config, non_embedding / 1e9, args.device, time.perf_counter() - started, peak)
-
-    engine = Qwen3Reranker.from_model(model, tokenizer, model_name=args.config,
-                                      max_length=args.max_length, batch_tokens=args.batch_tokens,
-                                      options=ScoreOptions(long_documents="truncate"))
-    seqs = engine.encode_pairs(QUERY, docs, engine.instruction).rows
-    tokens = sum(len(s) for s in seqs)
-    log.info("%d documents, %d tokens (longest pair %d)", len(docs), tokens, max(map(len, seqs)))
-    rows = {}
-    engine_scores, seconds, memory = timed(args.device, lambda: engine.score(QUERY, docs).scores)
-    rows["engine"] = (seconds, memory)
-    card_scores = None
-    if not args.skip_card:
-        card = CardRecipe(model, tokenizer, max_length=args.max_length)
-        card.score(QUERY, docs[:2], engine.instruction)  # warm-up
-        card_scores, seconds, memory = timed(args.device, lambda: card.score(
-            QUERY, docs, engine.instruction, batch_size=args.card_batch_size))
-        rows["card"] = (seconds, memory)
-
+    card = CardRecipe(model, tokenizer, max_length=args.max_length)
+    tokens = _card_tokens(card, docs)
+    log.info("%d documents, %d tokens", len(docs), tokens)
     result = {"config": args.config, "device": args.device, "dtype": args.dtype,
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "docs": len(docs), "tokens": tokens,
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "bf16_peak_tflops": round(peak, 2), "non_embedding_params": non_embedding,
               "card_batch_size": args.card_batch_size, "batch_tokens": args.batch_tokens}
-    for name, (seconds, memory) in rows.items():
+    scores: dict[str, list[float]] = {}
+
+    def record(name: str, seconds: float, memory: float) -> None:
         tok_s = tokens / seconds
-        result[name] = {"seconds": round(seconds, 2), "tokens_per_s": round(tok_s, 1),
-                        "mfu": round(tok_s * 2 * non_embedding / (peak * 1e12), 4),
-                        "peak_memory_gb": round(memory, 2)}
-    if card_scores is not None:
-        result["ratio_engine_over_card"] = round(result["card"]["seconds"] / result["engine"]["seconds"], 2)
-        result["max_abs_score_diff"] = max(abs(a - b) for a, b in zip(engine_scores, card_scores))
+        row = {"seconds": round(seconds, 2), "tokens_per_s": round(tok_s, 1),
+               "mfu": round(tok_s * 2 * non_embedding / (peak * 1e12), 4),
+               "peak_memory_gb": round(memory, 2)}
+        result[name] = row
+        for other in scores.keys() & ENGINES.keys() if "card" in result else ():
+            result[other]["ratio_over_card"] = round(result["card"]["seconds"] /
+                                                     result[other]["seconds"], 2)
+            result[other]["max_abs_score_diff"] = max(
+                abs(a - b) for a, b in zip(scores[other], scores["card"]))
+        log.info("%s: %.2f s, %.1f tok/s", name, seconds, tok_s)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
+
+    def run_card() -> None:
+        card.score(QUERY, docs[:2], DEFAULT_INSTRUCTION)  # warm-up
+        scores["card"], seconds, memory = timed(args.device, lambda: card.score(
+            QUERY, docs, DEFAULT_INSTRUCTION, batch_size=args.card_batch_size))
+        record("card", seconds, memory)
+
+    # On CUDA the card runs first (a run cut short still has the baseline; peak memory is
+    # reset per row). On a CPU peak memory is the process high-water mark, so it runs last.
+    card_first = args.device == "cuda" and not args.skip_card
+    if card_first:
+        run_card()
+    for name in engine_names(args.engines, args.device):
+        started = time.perf_counter()
+        engine = Qwen3Reranker.from_model(model, tokenizer, model_name=args.config,
+                                          max_length=args.max_length, batch_tokens=args.batch_tokens,
+                                          options=ScoreOptions(long_documents="truncate"),
+                                          **ENGINES[name])
+        engine.score(QUERY, docs[:16])  # warm-up: compiles flex / captures graphs it still needs
+        log.info("%s engine ready in %.1f s", name, time.perf_counter() - started)
+        scores[name], seconds, memory = timed(args.device, lambda: engine.score(QUERY, docs).scores)
+        record(name, seconds, memory)
+        del engine
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the next engine starts from the same free memory
+    if not card_first and not args.skip_card:
+        run_card()
     print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _card_tokens(card: CardRecipe, docs: list[str]) -> int:
+    """Tokens of the card's prompts (prefix, body cut as the card cuts it, suffix)."""
+    pairs = [f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: {QUERY}\n<Document>: {d}" for d in docs]
+    return int(card.process_inputs(pairs)["attention_mask"].sum())
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['config']} on {result['device']} ({result['device_name']}, {result['dtype']}, "
              f"{result['threads']} threads), {result['docs']} docs, {result['tokens']} tokens, "
              f"{result['date']}",
-             f"{'':8}{'seconds':>10}{'tok/s':>10}{'MFU':>8}{'peak GB':>9}"]
-    for name in ("card", "engine"):
+             f"{'':8}{'seconds':>10}{'tok/s':>10}{'× card':>8}{'MFU':>8}{'peak GB':>9}{'max |Δ|':>10}"]
+    for name in ("card", *ENGINES):
         if name in result:
             row = result[name]
-            lines.append(f"{name:8}{row['seconds']:>10.2f}{row['tokens_per_s']:>10.1f}"
-                         f"{row['mfu']:>8.1%}{row['peak_memory_gb']:>9.2f}")
-    if "ratio_engine_over_card" in result:
-        lines.append(f"engine/card = {result['ratio_engine_over_card']}×; "
-                     f"max |Δscore| = {result['max_abs_score_diff']:.2e} ({result['dtype']} noise)")
+            ratio = f"{row['ratio_over_card']:.2f}" if "ratio_over_card" in row else "1.00" if name == "card" else "-"
+            diff = f"{row['max_abs_score_diff']:.1e}" if "max_abs_score_diff" in row else "-"
+            lines.append(f"{name:8}{row['seconds']:>10.2f}{row['tokens_per_s']:>10.1f}{ratio:>8}"
+                         f"{row['mfu']:>8.1%}{row['peak_memory_gb']:>9.2f}{diff:>10}")
+    lines.append(f"(max |Δ| against the card: {result['dtype']} noise; float32 runs agree within 1e-5)")
     return "\n".join(lines)
 
 

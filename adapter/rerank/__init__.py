@@ -49,7 +49,8 @@ def build_reranker(settings: Settings, model: str, models: "ModelStore | None" =
                                max_length=settings.max_length,
                                batch_tokens=settings.batch_tokens,
                                instruction=settings.instruction,
-                               options=ScoreOptions.from_settings(settings), models=models)
+                               options=ScoreOptions.from_settings(settings), models=models,
+                               attention=settings.attention, cuda_graphs=settings.cuda_graphs)
         MODEL_LOADS.labels("qwen3", "loaded").inc()
         return loaded
     except ModelLoadError as exc:
@@ -65,6 +66,7 @@ def reranker_key(settings: Settings, model: str) -> tuple:
     """Every setting a loaded reranker is built with: two settings that differ in any of them
     get two instances (and two ranking-cache namespaces)."""
     return (settings.reranker, model, settings.device, settings.dtype, settings.max_length,
-            settings.batch_tokens, settings.instruction, settings.reranker_required,
+            settings.batch_tokens, settings.attention, settings.cuda_graphs,
+            settings.instruction, settings.reranker_required,
             settings.long_documents, settings.max_chunks_per_doc, settings.overlap_tokens,
             settings.remote_url, settings.remote_model)

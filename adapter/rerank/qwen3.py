@@ -7,7 +7,10 @@ chunking.py), its score the best chunk's. What changes is only how it is compute
 - the tokens every pair shares (system prefix, instruction, query) run once per call and their
   keys/values are reused by every document (causal attention makes this exact);
 - documents are sorted by length and packed into batches under a padded-token budget, right
-  padded, each reading its own last position;
+  padded, each reading its own last position (`attention = "padded"`); or, padding-free, laid
+  end to end in one sequence per batch under a flex-attention mask that shows each document
+  the shared prefix and itself only (`attention = "packed"`, adapter/rerank/packed.py), on CUDA
+  optionally replayed as CUDA graphs over bucketed shapes (`cuda_graphs`);
 - no vocabulary logits at all: one float32 dot product with `w_yes − w_no` of the head (tied or
   untied), since sigmoid(l_yes − l_no) = softmax([l_no, l_yes])[1].
 """
@@ -26,6 +29,8 @@ import torch
 from adapter.errors import ModelLoadError
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult, require_query
 from adapter.rerank.chunking import PromptRows, build_rows
+from adapter.rerank.packed import (PREFIX_STEP, StaticPackedRunner, pack_in_order, pack_tails,
+                                   packed_forward, prefix_bucket, resolve_attention)
 
 if TYPE_CHECKING:
     from adapter.runtime import ModelStore
@@ -284,7 +289,8 @@ class Qwen3Reranker(Reranker):
                  max_length: int = 8192, batch_tokens: int = 16384,
                  instruction: str | None = None, warmup: bool = True,
                  loaded: LoadedModel | None = None, options: ScoreOptions | None = None,
-                 models: "ModelStore | None" = None) -> None:
+                 models: "ModelStore | None" = None,
+                 attention: str = "auto", cuda_graphs: bool = False) -> None:
         super().__init__()
         self.model_name = model
         self.device = pick_device(device) if loaded is None else str(loaded.device)
@@ -298,10 +304,32 @@ class Qwen3Reranker(Reranker):
         self.max_length, self.batch_tokens = max_length, batch_tokens
         self.instruction = instruction or DEFAULT_INSTRUCTION
         self.options = options or ScoreOptions()
+        #: "padded" or "packed": how batches are laid out (see adapter/rerank/packed.py)
+        self.attention = resolve_attention(attention, self.device, self.loaded.model.config)
+        #: packed batches at bucketed static shapes, replayed as CUDA graphs (None: eager)
+        self.static_runner: StaticPackedRunner | None = None
+        if cuda_graphs:
+            self._enable_graphs()
         if warmup and not self.loaded.warmed:
             self.score("warm-up", ["warm-up"])
             self._measure_speed()
             self.loaded.warmed = True
+
+    def _enable_graphs(self) -> None:
+        """CUDA graphs of packed batches, the length buckets captured now for the default
+        instruction's prefix bucket (other prefix buckets on first use). Off CUDA, or with
+        padded batches, this is a no-op that says so once."""
+        if not self.device.startswith("cuda") or self.attention != "packed":
+            logger.info("cuda_graphs applies to packed batches on CUDA only (here: %s, %s); "
+                        "running eagerly", self.device, self.attention)
+            return
+        lm = self.loaded
+        self.static_runner = StaticPackedRunner(lm.model, lm.device, self.batch_tokens,
+                                                capture=True)
+        header = BODY.format(instruction=self.instruction, query="", doc="")
+        base = len(lm.prefix_ids) + len(lm.tokenizer.encode(header, add_special_tokens=False))
+        with lm.lock, torch.inference_mode():
+            self.static_runner.warm([prefix_bucket(base + PREFIX_STEP // 4)])
 
     #: warm-up speed probe: documents × words, about the size of short clinical records
     SPEED_PROBE = (8, 100)
@@ -339,7 +367,8 @@ class Qwen3Reranker(Reranker):
         return cls(settings.model, device=settings.device, dtype=settings.dtype,
                    max_length=settings.max_length, batch_tokens=settings.batch_tokens,
                    instruction=settings.instruction or None,
-                   options=ScoreOptions.from_settings(settings))
+                   options=ScoreOptions.from_settings(settings),
+                   attention=settings.attention, cuda_graphs=settings.cuda_graphs)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "Qwen3Reranker":
@@ -394,9 +423,16 @@ class Qwen3Reranker(Reranker):
         tails = [s[shared:] for s in seqs]
         scores = [0.0] * len(seqs)
         done = 0
-        for batch in pack_by_tokens([len(t) for t in tails], self.batch_tokens):
-            for i, value in zip(batch, self._score_batch([tails[i] for i in batch], shared,
-                                                         prefix_kv)):
+        lengths = [len(t) for t in tails]
+        if self.attention == "packed":
+            loaded_prefix: dict[int, bool] = {}  # static shapes holding this call's prefix
+            batches = pack_in_order(lengths, self.batch_tokens)
+            run = lambda part: self._score_packed(part, shared, prefix_kv, loaded_prefix)  # noqa: E731
+        else:
+            batches = pack_by_tokens(lengths, self.batch_tokens)
+            run = lambda part: self._score_batch(part, shared, prefix_kv)  # noqa: E731
+        for batch in batches:
+            for i, value in zip(batch, run([tails[i] for i in batch])):
                 scores[i] = value
             done += len(batch)
             if on_progress:
@@ -433,5 +469,25 @@ class Qwen3Reranker(Reranker):
                              use_cache=cache is not None)
         last = torch.tensor([len(t) - 1 for t in tails], device=lm.device)
         hidden = out.last_hidden_state[torch.arange(rows, device=lm.device), last]
-        logit_diff = hidden.float() @ lm.w_diff + lm.b_diff
-        return torch.sigmoid(logit_diff).tolist()
+        return self._probabilities(hidden)
+
+    def _score_packed(self, tails: list[list[int]], shared: int,
+                      prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                      loaded_prefix: dict[int, bool]) -> list[float]:
+        """One padding-free batch: the tails end to end, each seeing the prefix and itself;
+        through the static shapes (CUDA graphs) when they hold it, eagerly otherwise."""
+        lm = self.loaded
+        pad = lm.tokenizer.pad_token_id or 0
+        hidden = None
+        if self.static_runner is not None:
+            hidden = self.static_runner.hidden(tails, shared, prefix_kv, loaded_prefix, pad)
+        if hidden is None:
+            packed = pack_tails(tails, shared)
+            out = packed_forward(lm.model, packed, shared, shared, prefix_kv, lm.device)
+            hidden = out[0, torch.tensor(packed.last, device=lm.device)]
+        return self._probabilities(hidden)
+
+    def _probabilities(self, hidden: torch.Tensor) -> list[float]:
+        """P(yes) from final hidden states: sigmoid of the float32 (w_yes − w_no) projection."""
+        lm = self.loaded
+        return torch.sigmoid(hidden.float() @ lm.w_diff + lm.b_diff).tolist()
