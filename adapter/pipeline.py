@@ -205,11 +205,11 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
     docs = [Document.from_json(c["document"]) for c in kept]
     recall_scores = [c["recall_score"] for c in kept]
     docs, recall_scores, budget_outcomes = apply_time_budget(
-        req, docs, recall_scores, reranker, caches.budgets if caches else None)
+        req, docs, recall_scores, reranker, caches.budgets if caches is not None else None)
     if docs:
         with timed_stage("rerank"):
             result = _score(reranker, req["query"], req.get("instruction"), docs,
-                            on_progress, caches.scores if caches else None)
+                            on_progress, caches.scores if caches is not None else None)
     else:
         result = reranker.score(req["query"], [])  # still says whether it is keyword order
         if on_progress:

@@ -294,3 +294,6 @@ def test_resources_without_meta_are_cached_by_content() -> None:
     assert len(cache) == cached + 1
     flatten_documents([changed], validate=False)  # no caches given: nothing is kept
     assert len(cache) == cached + 1 and len(Caches(0).flattened) == 0
+    # R4B problems are cached per version too, starting from an empty cache
+    flatten_documents([cond, dict(changed, id="nometa-2")], validate=True, caches=caches)
+    assert len(caches.problems) == 2

@@ -249,7 +249,8 @@ def test_attention_setting_resolves_per_device(tiny_model_dir):
     with pytest.raises(ValueError, match="head dimension"):
         resolve_attention("packed", "cuda", config)
     wide = SimpleNamespace(layer_types=["full_attention"] * 2, head_dim=128)
-    assert resolve_attention("auto", "cuda", wide) == "packed"
+    assert resolve_attention("auto", "cuda", wide) == "padded"  # until measured on a GPU
+    assert resolve_attention("packed", "cuda", wide) == "packed"
     sliding = SimpleNamespace(layer_types=["sliding_attention", "full_attention"], head_dim=128)
     assert resolve_attention("auto", "cuda", sliding) == "padded"
     with pytest.raises(ValueError, match="sliding"):
@@ -309,9 +310,9 @@ def test_cuda_packed_matches_card_recipe(tiny_model_dir):
     expected = card.score(QUERY, docs, CARD_TASK, batch_size=8)
     for budget in (16384, 700, 64):
         engine = Qwen3Reranker.from_model(model, tokenizer, max_length=512, batch_tokens=budget,
-                                          attention="auto",
+                                          attention="packed",
                                           options=ScoreOptions(long_documents="truncate"))
-        assert engine.attention == "packed"  # auto on CUDA
+        assert engine.attention == "packed"
         got = engine.score(QUERY, docs, instruction=CARD_TASK).scores
         assert worst_difference(got, expected) <= TOLERANCE, budget
 

@@ -291,8 +291,10 @@ def attachment_urls(resource: Any) -> list[str]:
 def cached_text(resource: dict, full_url: str, caller: str, cache: LRU[str] | None
                 ) -> str | None:
     """The text of this resource version that `caller` may see, from `cache`, or None."""
-    key = version_key(resource, full_url) if isinstance(resource, dict) and cache else None
-    if key is None or cache is None:
+    if cache is None or not isinstance(resource, dict):
+        return None
+    key = version_key(resource, full_url)
+    if key is None:
         return None
     return cache.get(key) or cache.get(key + ("caller", caller))
 
@@ -340,7 +342,8 @@ def validation_outcome(documents: list[Document], cache: LRU[list[str]] | None =
     Names type and id only, never content."""
     lenient: list[str] = []
     for doc in documents:
-        problems = _cached(cache, version_key(doc.resource, doc.full_url) if cache else None,
+        key = version_key(doc.resource, doc.full_url) if cache is not None else None
+        problems = _cached(cache, key,
                            lambda doc=doc: validation_problems(doc.resource))
         if problems:
             lenient.append(doc.id)
@@ -391,10 +394,11 @@ def flatten_documents(resources: list[dict], full_urls: list[str] | None = None,
         seen.add(doc_id)
         full_url = full_urls[index] if full_urls and index < len(full_urls) else ""
         text = _flatten_cached(resource, full_url, attachment_loader, caller,
-                               caches.flattened if caches else None)
+                               caches.flattened if caches is not None else None)
         documents.append(Document(doc_id, rtype, text, resource, full_url or ""))
     if validate:
-        lenient = validation_outcome(documents, caches.problems if caches else None)
+        lenient = validation_outcome(documents,
+                                     caches.problems if caches is not None else None)
         if lenient:
             outcomes.append(lenient)
     return documents, outcomes
