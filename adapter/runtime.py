@@ -118,7 +118,8 @@ class Runtime:
         key = reranker_key(settings, model)
         with self._lock:
             if key not in self._rerankers:
-                self._rerankers[key] = build_reranker(settings, model, self.models)
+                self._rerankers[key] = build_reranker(settings, model, self.models,
+                                                      self.caches)
             return self._rerankers[key]
 
     def loaded_reranker(self, model: str | None = None) -> "Reranker | None":

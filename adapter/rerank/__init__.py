@@ -20,7 +20,7 @@ from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.rerank.bm25_only import BM25OnlyReranker
 
 if TYPE_CHECKING:
-    from adapter.runtime import ModelStore
+    from adapter.runtime import Caches, ModelStore
 
 __all__ = ["Reranker", "ScoreOptions", "ScoreResult", "build_reranker", "reranker_key",
            "BACKENDS"]
@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 BACKENDS = ("qwen3", "none", "remote")
 
 
-def build_reranker(settings: Settings, model: str, models: "ModelStore | None" = None
-                   ) -> Reranker:
+def build_reranker(settings: Settings, model: str, models: "ModelStore | None" = None,
+                   caches: "Caches | None" = None) -> Reranker:
     """A new reranker for `model` under `settings`; Qwen3 weights come from `models` when
-    given (loaded there once), else are loaded for this instance alone."""
+    given (loaded there once), else are loaded for this instance alone. Keyword order reads
+    BM25 tokens from `caches` (the runtime's, which recall already filled)."""
+    tokens = caches.tokens if caches is not None else None
     if settings.reranker == "none":
         MODEL_LOADS.labels("none", "loaded").inc()
-        return BM25OnlyReranker(cache_size=settings.doc_cache_size)
+        return BM25OnlyReranker(tokens=tokens)
     if settings.reranker == "remote":
         from adapter.rerank.remote import RemoteReranker
 
@@ -59,7 +61,7 @@ def build_reranker(settings: Settings, model: str, models: "ModelStore | None" =
             raise
         MODEL_LOADS.labels("qwen3", "fallback").inc()
         log.warning("reranker: serving BM25 order, the model is unavailable: %s", exc.message)
-        return BM25OnlyReranker(fallback_reason=exc.message, cache_size=settings.doc_cache_size)
+        return BM25OnlyReranker(fallback_reason=exc.message, tokens=tokens)
 
 
 def reranker_key(settings: Settings, model: str) -> tuple:

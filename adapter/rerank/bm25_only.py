@@ -15,12 +15,13 @@ class BM25OnlyReranker(Reranker):
     name = "none"
     is_model = False
 
-    def __init__(self, fallback_reason: str | None = None, cache_size: int = 0) -> None:
+    def __init__(self, fallback_reason: str | None = None,
+                 tokens: LRU[list[str]] | None = None) -> None:
         super().__init__()
         #: why the model is not there, when this backend stands in for one
         self.fallback_reason = fallback_reason
-        #: tokens per candidate text, kept by this instance (its owner's runtime bounds it)
-        self.tokens: LRU[list[str]] = LRU(cache_size, "bm25_tokens")
+        #: tokens per candidate text: the runtime's `Caches.tokens`, which recall filled
+        self.tokens = tokens
 
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
               on_progress: Callable[[int, int], None] | None = None,
