@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import time
+import uuid
 
 import pytest
 import redis
@@ -367,3 +368,18 @@ def test_redis_down_is_503_then_recovers(client, workers, redis_server):
     log.info("Redis back: %s in %.2f s", resp.status_code, time.monotonic() - started)
     assert resp.status_code == 200, resp.get_data(as_text=True)[:300]
     assert resp.get_json()["type"] == "searchset"
+
+
+def test_a_job_record_is_stamped_once_and_never_brought_back(redis_server):
+    """First read / first start: one caller wins; a record a cancel deleted stays deleted."""
+    from adapter.jobs.heartbeat import stamp_once
+
+    db = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    key = job_key("stamp-test-" + uuid.uuid4().hex[:8])
+    db.hset(key, "owner", "x")
+    db.expire(key, 60)
+    assert stamp_once(db, key, "delivered", "1") is True
+    assert stamp_once(db, key, "delivered", "1") is False
+    assert db.hget(key, "delivered") == "1" and 0 < db.ttl(key) <= 60
+    db.delete(key)
+    assert stamp_once(db, key, "delivered", "1") is False and not db.exists(key)

@@ -18,7 +18,7 @@ from adapter.config import Settings
 from adapter.errors import QueueUnavailable
 from adapter.jobs.app import make_celery
 from adapter.jobs.envelope import seal, unseal
-from adapter.jobs.heartbeat import LiveWorkers, job_key, redis_time
+from adapter.jobs.heartbeat import LiveWorkers, job_key, redis_time, stamp_once
 from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of
 from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
 from adapter.jobs.task import TASK_NAME
@@ -139,9 +139,10 @@ class CeleryJobRunner(JobRunner):
         return record
 
     def _first_read(self, job_id: str) -> bool:
-        """True for exactly one read of a finished job, across every API process."""
+        """True for exactly one read of a finished job, across every API process (a record
+        deleted meanwhile, by a cancel, is not brought back without its expiry)."""
         try:
-            return bool(self.records.hsetnx(job_key(job_ref(job_id)), "delivered", "1"))
+            return stamp_once(self.records, job_key(job_ref(job_id)), "delivered", "1")
         except self._errors:
             return False
 

@@ -50,6 +50,18 @@ def _redis(settings: Settings) -> Any:
                                 decode_responses=True)
 
 
+#: HSETNX on a job record only while it exists (a cancel deletes it: never bring it back
+#: without its expiry); 1 when this call set the field
+_STAMP_IF_PRESENT = ("if redis.call('exists', KEYS[1]) == 1 then "
+                     "return redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) end return 0")
+
+
+def stamp_once(client: Any, key: str, field: str, value: str) -> bool:
+    """Set `field` of the job record `key` unless it is set already or the record is gone;
+    True for the one call that set it (the first reader, the first start)."""
+    return bool(client.eval(_STAMP_IF_PRESENT, 1, key, field, value))
+
+
 def redis_time(client: Any) -> float:
     """Redis' clock (seconds): job stamps written by the API and by workers on other machines
     compare without clock skew."""

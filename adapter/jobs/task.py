@@ -20,7 +20,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from adapter.config import Settings, load_settings
 from adapter.errors import JobTimeout, ModelLoadError, RerankerUnavailable, error_answer
 from adapter.jobs.envelope import PayloadKeyError, seal, unseal
-from adapter.jobs.heartbeat import JobBeat, claim_lease, job_key, redis_time
+from adapter.jobs.heartbeat import JobBeat, claim_lease, job_key, redis_time, stamp_once
 from adapter.jobs.runners import JobCancelled
 from adapter.runtime import Runtime
 
@@ -111,7 +111,7 @@ def rerank(self: Any, envelope: dict[str, Any], model: str) -> dict[str, Any]:
     if not claim_lease(client, ref, holder, settings):
         log.info("dropped a duplicate delivery of a job a live worker is running")
         raise Ignore()
-    client.hsetnx(key, "started", f"{redis_time(client):.6f}")  # queue wait: first start
+    stamp_once(client, key, "started", f"{redis_time(client):.6f}")  # queue wait: first start
     failure: BaseException | None = None
     with JobBeat(client, ref, holder, settings):
         log.info("job %s: reranking with %s", ref[:12], model if "/" not in model else "a model")
