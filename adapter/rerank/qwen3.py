@@ -228,20 +228,31 @@ def load_reranker_model(name: str, device: str, dtype: torch.dtype,
                               lambda: _load_reranker_model(name, model_id, device, dtype))
 
 
-def _load_reranker_model(name: str, model_id: str, device: str, dtype: torch.dtype
-                         ) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_qwen3_checkpoint(model_id: str, model_class: Any, device: str, dtype: torch.dtype
+                          ) -> tuple[Any, Any]:
+    """(model, tokenizer) of the Qwen3 checkpoint `model_id` through `model_class`
+    (AutoModelForCausalLM for the reranker, AutoModel for the embedder), on the CPU in
+    `dtype`; no hub retries on an offline machine (`hub_options`). Raises whatever
+    transformers raises, or ValueError for a checkpoint that is not Qwen3: the caller says
+    what could not be loaded and how to fix it."""
+    from transformers import AutoConfig, AutoTokenizer
 
     hub = hub_options(model_id)
+    config = AutoConfig.from_pretrained(model_id, **hub)
+    if getattr(config, "model_type", "") != "qwen3":
+        raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
+    tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
+    model = model_class.from_pretrained(
+        model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
+    return model, tokenizer
+
+
+def _load_reranker_model(name: str, model_id: str, device: str, dtype: torch.dtype
+                         ) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
     try:
-        config = AutoConfig.from_pretrained(model_id, **hub)
-        if getattr(config, "model_type", "") != "qwen3":
-            raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
-    except ModelLoadError:
-        raise
+        model, tokenizer = load_qwen3_checkpoint(model_id, AutoModelForCausalLM, device, dtype)
     except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
         raise _load_failure(name, model_id, exc) from exc
     model.to(device)

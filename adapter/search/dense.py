@@ -25,10 +25,9 @@ import torch
 
 from adapter.errors import ModelLoadError
 from adapter.fhir.flatten import version_key
-from adapter.models import Document
 from adapter.lru import LRU
-from adapter.rerank.qwen3 import (_attn_implementation, hub_options, load_attempt,
-                                  pack_by_tokens)
+from adapter.models import Document
+from adapter.rerank.qwen3 import load_attempt, load_qwen3_checkpoint, pack_by_tokens
 
 if TYPE_CHECKING:
     from adapter.runtime import ModelStore
@@ -80,16 +79,10 @@ def load_embedding_model(name: str, device: str, dtype: torch.dtype,
 
 def _load_embedding_model(name: str, model_id: str, device: str, dtype: torch.dtype
                           ) -> LoadedEmbedder:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    hub = hub_options(model_id)  # as the reranker: no hub retries on an offline machine
     try:
-        config = AutoConfig.from_pretrained(model_id, **hub)
-        if getattr(config, "model_type", "") != "qwen3":
-            raise ValueError(f"its config says model_type {config.model_type!r}, not 'qwen3'")
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-        model = AutoModel.from_pretrained(
-            model_id, dtype=dtype, attn_implementation=_attn_implementation(device), **hub)
+        model, tokenizer = load_qwen3_checkpoint(model_id, AutoModel, device, dtype)
     except Exception as exc:  # hub/offline/IO/format errors all mean "cannot load"
         raise _load_failure(name, model_id, exc) from exc
     model.to(device).eval()
