@@ -115,6 +115,22 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def settings_env(overrides: Mapping[str, Any]) -> dict[str, str]:
+    """FHIR_RERANK_* variables that give another process the settings `overrides` give
+    `load_settings` here (lists comma-joined, booleans true/false; None values are not
+    settings and are left out, as `load_settings` leaves them out)."""
+    env: dict[str, str] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[ENV_PREFIX + name.upper()] = str(value)
+    return env
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn an environment/TOML value into the type of the named setting."""
     default = getattr(Settings(), name)

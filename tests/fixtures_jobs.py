@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from adapter.config import settings_env  # the workers get the API's settings as FHIR_RERANK_*
+
 __all__ = ["RedisServer", "CeleryWorker", "WorkerPool", "free_port", "settings_env",
            "comparable_bundle", "redis_server", "celery_workers", "single_torch_thread"]
 
@@ -32,18 +34,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def settings_env(overrides: dict[str, Any]) -> dict[str, str]:
-    """FHIR_RERANK_* variables giving a worker the same settings as `load_settings(overrides)`."""
-    env = {}
-    for name, value in overrides.items():
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env["FHIR_RERANK_" + name.upper()] = str(value)
-    return env
 
 
 def comparable_bundle(bundle: dict[str, Any]) -> dict[str, Any]:

@@ -130,3 +130,13 @@ def test_default_toml_and_settings_defaults_agree():
     from adapter.config import Settings
 
     assert load_settings(env={}) == Settings()
+
+
+def test_settings_env_gives_another_process_the_same_settings():
+    from adapter.config import settings_env
+
+    overrides = {"models_allowed": ["0.6B", "4B"], "reranker_required": True, "recall": 40,
+                 "upstream_deadline": 7.5, "model": "4B", "device": None}
+    env = settings_env(overrides)
+    assert "FHIR_RERANK_DEVICE" not in env and env["FHIR_RERANK_RERANKER_REQUIRED"] == "true"
+    assert load_settings(env=env) == load_settings(overrides, env={})

@@ -38,6 +38,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from adapter.config import settings_env
+
 log = logging.getLogger(__name__)
 
 FLAG = "--devices"
@@ -293,16 +295,7 @@ class Supervisor:
 def child_env(overrides: Mapping[str, object], env: Mapping[str, str]) -> dict[str, str]:
     """The parent's environment with its command-line settings as FHIR_RERANK_* variables,
     so each child loads the same settings as the parent did."""
-    out = dict(env)
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        out["FHIR_RERANK_" + name.upper()] = str(value)
-    return out
+    return {**env, **settings_env(overrides)}
 
 
 def run_device_workers(devices: list[str], tiers: list[str], overrides: Mapping[str, object],
