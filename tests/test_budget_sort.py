@@ -54,6 +54,8 @@ def test_time_budget_with_the_qwen3_engine_keeps_what_its_measured_speed_allows(
     assert "the 3 best by the first stage were reranked and 5 were left out" in \
         outcomes[0].diagnostics
     assert "raise `rerank_budget_s`" in outcomes[0].diagnostics
+    whole = sum(lengths) / speed
+    assert f"about {whole:.1f} s would rerank all" in outcomes[0].diagnostics or whole >= 10
     assert outcomes[0].expression == ("rerank_budget_s",)
     whole = {**req, "rerank_budget_s": sum(lengths) * 1.01 / reranker.tokens_per_s}
     assert apply_time_budget(whole, docs, list(range(8)), reranker)[0] == docs  # fits: whole

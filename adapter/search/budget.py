@@ -82,7 +82,11 @@ def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: 
             cache.put(key, kept)
     if kept >= len(docs):
         return docs, recall_scores, []
-    whole = f"; about {sum(lengths) / speed:.0f} s would rerank all" if lengths else ""
+    whole = ""
+    if lengths:  # tenths under 10 s: a fast GPU's "about 0 s" would say nothing
+        seconds = sum(lengths) / speed
+        whole = f"; about {seconds:.1f} s would rerank all" if seconds < 10 else \
+            f"; about {seconds:.0f} s would rerank all"
     best = "the best one by the first stage was" if kept == 1 else \
         f"the {kept} best by the first stage were"
     left = len(docs) - kept
