@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import re
 import threading
-from functools import lru_cache
-
 import Stemmer
 
 #: lexicon language code → Snowball algorithm (Chinese: none)
@@ -50,24 +48,41 @@ def language_of(code: str | None) -> str:
     return primary if primary in LANGUAGES else DEFAULT_LANGUAGE
 
 
-@lru_cache(maxsize=262144)
-def stem(token: str, language: str = DEFAULT_LANGUAGE) -> str:
-    """The Snowball stem of one folded token in `language`; short, numeric and CJK tokens,
-    and languages without a stemmer, give the token itself."""
+_MEMO: dict[str, dict[str, str]] = {}  # language → token → stem: a pure function's memo
+_MEMO_LIMIT = 200_000  # words per language; past it the memo starts again
+
+
+def _stem_new(token: str, language: str) -> str:
     algorithm = SNOWBALL.get(language)
     if algorithm is None or len(token) < MIN_STEM or not _LETTERS_ONLY.match(token) \
             or _CJK.search(token):
-        return token
-    with _LOCK:
-        stemmer = _STEMMERS.get(algorithm)
-        if stemmer is None:
-            stemmer = _STEMMERS[algorithm] = Stemmer.Stemmer(algorithm)
-        return stemmer.stemWord(token)
+        out = token
+    else:
+        with _LOCK:
+            stemmer = _STEMMERS.get(algorithm)
+            if stemmer is None:
+                stemmer = _STEMMERS[algorithm] = Stemmer.Stemmer(algorithm)
+            out = stemmer.stemWord(token)
+    memo = _MEMO.setdefault(language, {})
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[token] = out
+    return out
+
+
+def stem(token: str, language: str = DEFAULT_LANGUAGE) -> str:
+    """The Snowball stem of one folded token in `language`; short, numeric and CJK tokens,
+    and languages without a stemmer, give the token itself."""
+    found = _MEMO.get(language, {}).get(token)
+    return found if found is not None else _stem_new(token, language)
 
 
 def stems(tokens: list[str], language: str = DEFAULT_LANGUAGE) -> list[str]:
-    """`stem` of each token, in order."""
-    return [stem(t, language) for t in tokens]
+    """`stem` of each token, in order (the memo read in one comprehension: indexing a chart
+    stems hundreds of thousands of tokens, most of them seen before)."""
+    memo = _MEMO.setdefault(language, {})
+    get = memo.get
+    return [found if (found := get(t)) is not None else _stem_new(t, language) for t in tokens]
 
 
 def question_language(question: str, stopwords: dict[str, frozenset[str]],

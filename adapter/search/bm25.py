@@ -28,6 +28,7 @@ come back (in score order). Ties are broken by document id, so the order is dete
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import math
@@ -60,27 +61,57 @@ CONTAINED_MIN = 7         # a user's word found inside a longer record word: thi
 USER_NEIGHBOUR = NEIGHBOUR_WEIGHT * 1.0  # the user's words weigh 1.0
 
 
+def _shares_beginning(word: str, term: str) -> bool:
+    shorter = min(len(word), len(term))
+    common = 0
+    for a, b in zip(word, term):
+        if a != b:
+            break
+        common += 1
+    return common >= NEIGHBOUR_MIN and common >= NEIGHBOUR_SHARE * shorter
+
+
+class Vocabulary:
+    """An index's words, sorted (a shared beginning is a range) and joined (a word inside a
+    longer one is a substring search in C): finding a word's neighbours costs its range and
+    its occurrences, not a pass over every word."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = sorted(w for w in words if w.isalpha())
+        self.joined = "\n" + "\n".join(self.words) + "\n"
+        self.offsets = []
+        at = 1
+        for w in self.words:
+            self.offsets.append(at)
+            at += len(w) + 1
+
+    def neighbours(self, term: str) -> list[str]:
+        if len(term) < NEIGHBOUR_MIN + 1 or not term.isalpha():
+            return []
+        found: dict[str, None] = {}
+        head = term[:NEIGHBOUR_MIN]
+        i = bisect.bisect_left(self.words, head)
+        while i < len(self.words) and self.words[i].startswith(head):
+            word = self.words[i]
+            if word != term and _shares_beginning(word, term):
+                found[word] = None
+            i += 1
+        if len(term) >= CONTAINED_MIN:
+            at = self.joined.find(term)
+            while at != -1:
+                k = bisect.bisect_right(self.offsets, at) - 1
+                word = self.words[k]
+                if len(word) > len(term):
+                    found[word] = None
+                at = self.joined.find(term, self.offsets[k] + len(word))
+        return sorted(found)
+
+
 def neighbours(term: str, vocabulary: Sequence[str]) -> list[str]:
     """Record words that are another form of the user's `term` (Snowball stems inflections,
     not derivations): a shared beginning of `NEIGHBOUR_MIN`+ letters covering
     `NEIGHBOUR_SHARE` of the shorter word, or `term` inside a longer word. Letters only."""
-    if len(term) < NEIGHBOUR_MIN + 1 or not term.isalpha():
-        return []
-    found = []
-    for word in vocabulary:
-        if word == term or not word.isalpha():
-            continue
-        shorter = min(len(word), len(term))
-        common = 0
-        for a, b in zip(word, term):
-            if a != b:
-                break
-            common += 1
-        if common >= NEIGHBOUR_MIN and common >= NEIGHBOUR_SHARE * shorter:
-            found.append(word)
-        elif len(term) >= CONTAINED_MIN and len(word) > len(term) and term in word:
-            found.append(word)
-    return found
+    return Vocabulary(vocabulary).neighbours(term)
 
 
 def analyzed(text: str, language: str = DEFAULT_LANGUAGE,
@@ -131,6 +162,7 @@ class BM25Index:
         self._idf = np.zeros(0)
         self._df = np.zeros(0, dtype=np.int64)
         self._neighbours: dict[str, list[str]] = {}
+        self._vocabulary: Vocabulary | None = None
         doc_len = np.fromiter(map(len, corpus), dtype=float, count=self.size)
         if not self.size or not doc_len.any():
             return  # nothing to match: every score is 0.0
@@ -188,7 +220,11 @@ class BM25Index:
         for word in dict.fromkeys([*own_words(query), *own]):
             found = self._neighbours.get(word)
             if found is None:
-                found = self._neighbours[word] = neighbours(word, list(self._terms))
+                if self._vocabulary is None:
+                    self._vocabulary = Vocabulary(list(self._terms))
+                if len(self._neighbours) > 4096:  # one index, many questions: stay bounded
+                    self._neighbours.clear()
+                found = self._neighbours[word] = self._vocabulary.neighbours(word)
             for term in found:
                 if term not in weights:
                     out[term] = max(out.get(term, 0.0), USER_NEIGHBOUR)
