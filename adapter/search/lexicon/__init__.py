@@ -104,8 +104,9 @@ def _tokens(texts: list[str], stopwords: frozenset[str]) -> list[str]:
     out: list[str] = []
     for text in texts:
         for token in tokenize(text):
-            if token in stopwords or (len(token) == 1 and token.isascii()):
-                continue  # "LDL-C" must not add "c"
+            if token in stopwords or (len(token) == 1 and token.isascii()) \
+                    or token.replace(".", "").isdigit():
+                continue  # "LDL-C" must not add "c", nor "BMI 30+" every date with a 30
             term = stem(token, "en")
             if term not in out:
                 out.append(term)
