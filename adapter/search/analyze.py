@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import re
 import threading
+
 import Stemmer
+
+from adapter.search.tokenize import fold
 
 #: lexicon language code → Snowball algorithm (Chinese: none)
 SNOWBALL = {"en": "english", "es": "spanish", "fr": "french", "de": "german", "pt": "portuguese"}
@@ -92,8 +95,6 @@ def question_language(question: str, stopwords: dict[str, frozenset[str]],
     names (`names[lang]`, folded words); English wins ties and empty evidence."""
     if _CJK.search(question):
         return "zh"
-    from adapter.search.tokenize import fold
-
     lowered = question.lower()
     words = [fold(w) for w in _WORD.findall(lowered)]
     score = {lang: 0.0 for lang in SNOWBALL}
@@ -119,6 +120,4 @@ def written_as_abbreviation(question: str) -> frozenset[str]:
     words = _WORD.findall(question)
     if not words or all(w.isupper() for w in words if len(w) > 1):
         return frozenset()
-    from adapter.search.tokenize import fold
-
     return frozenset(fold(w) for w in words if len(w) > 1 and w.isupper())
