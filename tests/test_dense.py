@@ -208,3 +208,20 @@ def test_make_tiny_model_cli_writes_an_embedding_checkpoint(tmp_path):
     assert main(["make-tiny-model", str(tmp_path / "emb"), "--kind", "embedding"]) == 0
     vectors = engine(tmp_path / "emb").embed(["Urea Nitrogen"])
     assert vectors.shape == (1, 16) and abs(vectors.norm().item() - 1.0) < 1e-5
+
+
+def test_fused_candidates_keep_each_types_share(dense_settings, runtime):
+    """Dense recall over a notes-heavy chart: the fused list still gives each resource type
+    its equal share of the candidates (the notes' vectors cannot crowd out the Conditions)."""
+    notes = [Document(f"DocumentReference/n{i}", "DocumentReference", text,
+                      {"resourceType": "DocumentReference", "id": f"n{i}"})
+             for i, text in enumerate(random_documents(3, 40, 30))]
+    conditions = [Document(f"Condition/c{i}", "Condition", text,
+                           {"resourceType": "Condition", "id": f"c{i}"})
+                  for i, text in enumerate(random_documents(5, 6, 8))]
+    docs = notes + conditions
+    dense_order = [d.type for d, _ in
+                   ((docs[i], s) for i, s in runtime.embedder().rank("kidney", docs))]
+    candidates, _, _ = first_stage("kidney", docs, 6, dense_settings, runtime=runtime)
+    types = [d.type for d, _, _ in candidates]
+    assert len(candidates) == 6 and types.count("Condition") >= 3, (types, dense_order[:6])

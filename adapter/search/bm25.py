@@ -321,25 +321,29 @@ def recall_matches(query: str, documents: list[Document], k: int,
     def rank_key(i: int) -> tuple[float, bool, str]:
         return (-scores[i], not matched[i], documents[i].id)
 
-    if len(documents) <= k:
-        order = sorted(range(len(documents)), key=rank_key)
-    else:
-        order = _with_quotas(groups, matched, k, rank_key)
+    order = sorted(range(len(documents)), key=rank_key)
+    if len(documents) > k:
+        order = with_quotas(order, [d.type for d in documents], matched, k)
     log.debug("bm25 recall: %d of %d documents kept (%d types)", len(order), len(documents),
               len(groups))
     return [(documents[i], scores[i], matched[i]) for i in order], sum(matched)
 
 
-def _with_quotas(groups: dict[str, list[int]], matched: list[bool], k: int, rank_key
-                 ) -> list[int]:
-    """The `k` candidates: each type with matches keeps its best matching documents up to
-    k // (types with matches), the rest of the places go to the best of all; best first."""
-    with_matches = [m for m in groups.values() if any(matched[i] for i in m)]
+def with_quotas(order: list[int], types: Sequence[str], eligible: Sequence[bool], k: int
+                ) -> list[int]:
+    """The first `k` of `order` (indices, best first) such that each type with eligible
+    documents keeps its best eligible ones up to k // (such types), the other places going to
+    the best of the rest; the kept indices stay in `order`'s order."""
+    with_matches = {types[i] for i in order if eligible[i]}
     share = k // max(1, len(with_matches))
+    taken: dict[str, int] = {}
     chosen: set[int] = set()
-    for members in with_matches:
-        best = heapq.nsmallest(share, (i for i in members if matched[i]), key=rank_key)
-        chosen.update(best)
-    rest = heapq.nsmallest(k - len(chosen), (i for m in groups.values() for i in m
-                                             if i not in chosen), key=rank_key)
-    return sorted(chosen.union(rest), key=rank_key)
+    for i in order:
+        if eligible[i] and taken.get(types[i], 0) < share:
+            taken[types[i]] = taken.get(types[i], 0) + 1
+            chosen.add(i)
+    for i in order:
+        if len(chosen) >= k:
+            break
+        chosen.add(i)
+    return [i for i in order if i in chosen]

@@ -4,7 +4,8 @@
 BM25 recall exactly as before. With an embedder, every fetched document is ranked twice — by
 BM25 (documents that match at least one query word) and by cosine to the query embedding —
 and the two rankings are fused by reciprocal rank fusion (`adapter.search.fusion`, k =
-`rrf_k`); the `recall` best fused documents are the candidates, in fused order (each keeps its
+`rrf_k`); the `recall` best fused documents, each resource type keeping up to its equal
+share of them as in keyword recall (`bm25.with_quotas`), are the candidates, in fused order (each keeps its
 BM25 score and "holds a query term" flag, which keyword order and its outcomes use). Dense recall runs in the API process (which already holds the documents), so nothing
 new crosses Redis. An embedder that cannot be loaded is reported once at start-up and as a
 warning in every Bundle; recall is then BM25 only.
@@ -18,7 +19,7 @@ from adapter.config import Settings
 from adapter.errors import ModelLoadError
 from adapter.lru import LRU
 from adapter.models import Document, Outcome
-from adapter.search.bm25 import recall_matches
+from adapter.search.bm25 import recall_matches, with_quotas
 from adapter.search.fusion import reciprocal_rank_fusion
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def first_stage(query: str, documents: list[Document], k: int, settings: Setting
     fused = reciprocal_rank_fusion([keyword_ranking, dense_ranking], k=settings.rrf_k,
                                    tiebreak=lambda i: (documents[i].id, i))
     keyword = {position[id(d)]: (score, holds) for d, score, holds in ranked}
+    order = [i for i, _ in fused]
+    kept = with_quotas(order, [d.type for d in documents], [True] * len(documents), k)
     log.debug("hybrid recall: %d keyword matches, %d documents fused, %d kept",
-              len(keyword_ranking), len(fused), min(k, len(fused)))
-    return [(documents[i], *keyword[i]) for i, _ in fused[:k]], matched, []
+              len(keyword_ranking), len(fused), len(kept))
+    return [(documents[i], *keyword[i]) for i in kept], matched, []
