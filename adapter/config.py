@@ -76,6 +76,7 @@ class Settings:
     max_json_depth: int = 32
     readyz_timeout: float = 2.0
     log_format: str = "text"
+    log_phi_at_debug: bool = False
     # keyword stage
     keyword_list_unmatched: bool = False
     # --- jobs: isolation, heartbeats, deadlines (issue 8) ---

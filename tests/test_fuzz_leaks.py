@@ -5,6 +5,7 @@ a malformed upstream header line puts no patient id into any log line."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import uuid
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 import pytest
+import requests
 
 from adapter.errors import UpstreamError
 from adapter.fhir.client import FhirRestSource
@@ -156,3 +158,109 @@ def test_remote_reranker_does_not_follow_redirects(status):
     assert f"answered {status}" in str(raised.value) and "remote_url" in str(raised.value)
     assert target.seen == []  # nothing at all reached the other server
     assert len(redirector.seen) == 1 and note.encode() in redirector.seen[0]["body"]
+
+
+# --- item 6: a malformed upstream header line puts no patient id into any log line ---------
+
+class BrokenHeaderUpstream:
+    """A raw-socket "FHIR server" whose every answer has a header line without a colon (urllib3
+    then logs "Failed to parse headers (url=…)" at WARNING, with the request's query)."""
+
+    def __init__(self, secret_header: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}/fhir"
+        self.secret_header = secret_header
+        self.requests: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    line = conn.recv(65536).split(b"\r\n", 1)[0].decode("latin-1")
+                except OSError:
+                    continue
+                self.requests.append(line)
+                path = line.split(" ")[1] if " " in line else ""
+                if "/Patient/" in path:
+                    body = {"resourceType": "Patient", "id": path.rsplit("/", 1)[-1]}
+                else:
+                    body = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\n"
+                             b"Connection: close\r\n" + self.secret_header.encode() +
+                             b" broken header line\r\n\r\n" + json.dumps(body).encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_malformed_upstream_headers_leave_no_canary_in_the_logs(tmp_path):
+    from test_phi_canary import ServeProcess
+
+    from fixtures_jobs import settings_env
+
+    tag = uuid.uuid4().hex[:6]
+    canaries = {"pid": f"cnrypid{tag}", "code": f"cnrycode{tag}", "q": f"cnryq{tag}",
+                "header": f"cnryheader{tag}"}
+    upstream = BrokenHeaderUpstream(f"X-Note-{canaries['header']}")
+    api = ServeProcess("api-broken-headers", settings_env(
+        {"fhir_base_url": upstream.base, "reranker": "none", "fhir_retries": 0}), tmp_path)
+    try:
+        for url in (f"{api.base}/Condition?patient={canaries['pid']}&_content={canaries['q']}"
+                    f"&code={canaries['code']}",
+                    f"{api.base}/Patient/{canaries['pid']}/$rerank?query={canaries['q']}"):
+            assert requests.get(url, timeout=30).status_code == 200
+    finally:
+        log = api.stop()
+        upstream.close()
+    assert any(canaries["pid"] in r for r in upstream.requests)  # the query did go upstream
+    assert "Failed to parse headers" in log  # urllib3 met the broken header and said so
+    leaked = [line for line in log.splitlines() if any(c in line for c in canaries.values())]
+    assert leaked == [], leaked[:5]
+
+
+def test_debug_logging_is_refused_without_log_phi_at_debug(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from fixtures_jobs import REPO_ROOT, free_port, settings_env
+
+    def serve(extra: dict) -> tuple[int | None, str]:
+        """(exit code or None when it served /metadata, its output)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_RERANK_")}
+        env.update(settings_env({"reranker": "none", **extra}), PYTHONPATH=str(REPO_ROOT))
+        port, out = free_port(), tmp_path / f"serve{len(extra)}.log"
+        with out.open("wb") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "adapter.cli", "--log-level", "DEBUG", "serve",
+                 "--host", "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, env=env,
+                stdout=sink, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and proc.poll() is None:
+                    try:
+                        if requests.get(f"http://127.0.0.1:{port}/fhir/metadata",
+                                        timeout=2).status_code == 200:
+                            break
+                    except requests.RequestException:
+                        time.sleep(0.2)
+                code = proc.poll()
+            finally:
+                proc.terminate()
+                proc.wait(15)
+        return code, out.read_text(errors="replace")
+
+    code, output = serve({})
+    assert code == 2, output[-2000:]
+    assert "log_phi_at_debug" in output and "--log-level INFO" in output
+    code, output = serve({"log_phi_at_debug": True})
+    assert code is None, output[-2000:]  # it served
+    assert "DEBUG" in output and "log_phi_at_debug" not in output
