@@ -55,6 +55,7 @@ class Settings:
     task_time_limit: int = 660
     inprocess_workers: int = 2
     payload_key: str = ""
+    state_dir: str = ""
     model_queues: list[str] = field(default_factory=list)
     broker_visibility_timeout: int = 3600
     redis_timeout: float = 2.0

@@ -38,13 +38,14 @@ def make_worker_app(settings: Settings | None = None) -> Celery:
 
     install_redaction()  # `celery -A celery_app worker` does not go through the CLI
     settings = settings or load_settings()
-    app = make_celery(settings)
+    app = make_celery(settings, announce_key=False)  # said once Celery's logging is up
     app.fhir_runtime = Runtime(settings)
     import adapter.jobs.task  # noqa: F401 - registers the shared task on this app
 
     _quiet_task_results()
     signals.worker_init.connect(_remember_queues, weak=False, dispatch_uid="fhir-rerank-queues")
     signals.worker_ready.connect(_start_beat, weak=False, dispatch_uid="fhir-rerank-beat")
+    signals.worker_ready.connect(_say_key, weak=False, dispatch_uid="fhir-rerank-key")
     signals.worker_shutdown.connect(_stop_beat, weak=False, dispatch_uid="fhir-rerank-unbeat")
     signals.worker_process_init.connect(_load_models, weak=False,
                                         dispatch_uid="fhir-rerank-load-models")
@@ -55,6 +56,13 @@ def make_worker_app(settings: Settings | None = None) -> Celery:
         for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
             signal.connect(_json_lines, weak=False, dispatch_uid=f"fhir-rerank-json-{signal}")
     return app
+
+
+def _say_key(sender: Any = None, **_: object) -> None:
+    """The payload key's one line (made or kept, where; never the key) in the worker's log."""
+    note = getattr(getattr(sender, "app", None), "fhir_key_note", None)
+    if note:
+        logging.getLogger("adapter.jobs.envelope").info("%s", note)
 
 
 def _no_debug(logger: logging.Logger | None = None, **_: object) -> None:
