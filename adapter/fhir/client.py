@@ -129,10 +129,10 @@ class FhirRestSource(FhirSource):
         if _origin(url) != self._origin:
             return None
         parts = urlsplit(url)
-        base = self._base_path
+        bases = {b.rstrip("/") for b in path_readings(self._base_path or "/")}
         for path in path_readings(parts.path):
             path = path.rstrip("/")
-            if path != base and not path.startswith(base + "/"):
+            if not any(path == base or path.startswith(base + "/") for base in bases):
                 return None
         return urlunsplit(parts._replace(path=remove_dot_segments(parts.path)))
 
