@@ -264,3 +264,26 @@ def test_debug_logging_is_refused_without_log_phi_at_debug(tmp_path):
     code, output = serve({"log_phi_at_debug": True})
     assert code is None, output[-2000:]  # it served
     assert "DEBUG" in output and "log_phi_at_debug" not in output
+
+
+@pytest.mark.parametrize("escape", ["..", "%2e%2e", "%2E%2e"])
+def test_the_real_fhir_servers_admin_page_is_not_read_through_an_attachment(fhir, escape):
+    """The Node test server (like the probe's target) reads `/fhir/%2e%2e/admin/requests` as
+    `/admin/requests`, a page listing requests and their Authorization headers."""
+    from adapter.fhir.flatten import flatten_documents
+
+    tag = uuid.uuid4().hex[:8]
+    resource = {"resourceType": "DocumentReference", "id": f"dots-{tag}", "status": "current",
+                "content": [{"attachment": {"contentType": "application/json",
+                                            "url": f"{fhir.base_url}/{escape}/admin/requests"}}]}
+    source = FhirRestSource(fhir.base_url, retries=0)
+    asked: list[Any] = []
+
+    def loader(url: str) -> Any:
+        asked.append(source.fetch_attachment(url, TOKEN))
+        return asked[-1]
+
+    docs, _ = flatten_documents([resource], ["x"], loader, validate=False)
+    assert asked == [None]  # refused before any request
+    assert "authorization" not in docs[0].text.lower() and TOKEN not in docs[0].text
+    assert not any(r.get("authorization") == TOKEN for r in fhir.requests())
