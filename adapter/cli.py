@@ -19,10 +19,11 @@ def _overrides(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, An
 
 def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
     """The command's settings (config, environment, its flags); logging switches to the
-    settings' `log_format` from here on."""
-    from adapter.logs import configure_logging
+    settings' `log_format` from here on. DEBUG is refused without `log_phi_at_debug`."""
+    from adapter.logs import check_log_level, configure_logging
 
     settings = load_settings(_overrides(args, names + ("log_format",)))
+    check_log_level(args.log_level, settings.log_phi_at_debug)
     configure_logging(args.log_level, settings.log_format)
     return settings
 

@@ -55,6 +55,7 @@ class Settings:
     task_time_limit: int = 660
     inprocess_workers: int = 2
     payload_key: str = ""
+    state_dir: str = ""
     model_queues: list[str] = field(default_factory=list)
     broker_visibility_timeout: int = 3600
     redis_timeout: float = 2.0
@@ -76,6 +77,7 @@ class Settings:
     max_json_depth: int = 32
     readyz_timeout: float = 2.0
     log_format: str = "text"
+    log_phi_at_debug: bool = False
     # keyword stage
     keyword_list_unmatched: bool = False
     # --- jobs: isolation, heartbeats, deadlines (issue 8) ---

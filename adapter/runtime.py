@@ -46,7 +46,7 @@ class Caches:
         self.tokens: LRU[list[str]] = LRU(0, "bm25_tokens")
         #: whole BM25 indexes per corpus (another question over the same record reuses one)
         self.indexes: LRU[Any] = LRU(0, "bm25_index")
-        #: document vectors per (embedder, resource version)
+        #: document vectors per (embedder, resource version, text digest): per caller's text
         self.vectors: LRU[Any] = LRU(0, "doc_vectors")
         #: candidates kept by a time budget per (reranker, question, candidates)
         self.budgets: LRU[int] = LRU(0, "budget")

@@ -2,7 +2,19 @@
 the tiny Qwen3 checkpoint) are fixtures in their own modules, imported here."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
+
+# Jobs on Redis are encrypted with a key kept in $XDG_STATE_HOME/fhir-rerank when payload_key
+# is empty (adapter.jobs.envelope): one fresh folder per run, shared by the in-process API and
+# the worker processes the tests start (they inherit this environment), never the user's own.
+_STATE_HOME = tempfile.mkdtemp(prefix="fhir-rerank-state-")
+os.environ["XDG_STATE_HOME"] = _STATE_HOME
+atexit.register(shutil.rmtree, _STATE_HOME, True)
 
 from fhirserver import *  # noqa: F401,F403  (fhir_server, hapi_server, fhir, hapi)
 from fixtures_jobs import *  # noqa: F401,F403  (redis, celery workers)

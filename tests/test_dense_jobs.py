@@ -10,7 +10,8 @@ import time
 
 import redis
 
-from adapter.jobs.envelope import unseal
+from adapter.config import load_settings
+from adapter.jobs.envelope import ensure_payload_key, unseal
 from adapter.jobs.heartbeat import workers_key
 from test_jobs import ASYNC, BIG, client_for, job_path, job_settings
 
@@ -36,7 +37,7 @@ def test_task_message_with_dense_recall_holds_no_authorization(redis_server, fhi
     assert len(waiting) == 1
     message = json.loads(waiting[0])
     args = json.loads(base64.b64decode(message["body"]))[0]
-    payload = unseal(args[0], settings.get("payload_key", ""))
+    payload = unseal(args[0], ensure_payload_key(load_settings(settings, env={})))
     request = payload["request"]
     assert request["sort"] == ["_score", "-date"] and request["rerank_budget_s"] == 5.0
     assert "authorization" not in request and len(payload["candidates"]) == 30

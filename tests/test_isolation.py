@@ -97,3 +97,45 @@ def test_attachment_text_is_never_shared_across_callers(fhir, secret_record):
     binary_calls = [r["authorization"] for r in fhir.requests() if "/Binary/" in r["path"]]
     assert set(binary_calls) <= {ALICE["Authorization"], BOB["Authorization"], None}
     assert ALICE["Authorization"] in binary_calls and BOB["Authorization"] in binary_calls
+
+
+def test_dense_vectors_are_never_shared_across_callers(fhir, secret_record, tiny_embedding_dir):
+    """Issue 16 item 3: the document-vector cache follows the flattened-text cache's rule —
+    Bob is never given the vector of text built from Alice's attachment."""
+    import torch
+
+    from adapter.fhir.client import FhirRestSource
+    from adapter.fhir.flatten import flatten_documents
+    from adapter.identity import caller_identity
+    from adapter.runtime import Runtime
+
+    pid, doc = secret_record
+    settings = load_settings({"embedder": str(tiny_embedding_dir), "device": "cpu",
+                              "dtype": "float32", "fhir_base_url": fhir.base_url,
+                              "fhir_retries": 0}, env={})
+    runtime = Runtime(settings)
+    embedder = runtime.embedder()
+    source = FhirRestSource.from_settings(settings)
+
+    def documents(headers: dict) -> list:
+        token = headers.get("Authorization")
+        fetched = source.search("DocumentReference", [("patient", f"Patient/{pid}")], token)
+        docs, _ = flatten_documents(fetched.resources, fetched.full_urls,
+                                    lambda url: source.fetch_attachment(url, token),
+                                    validate=False, caller=caller_identity(token),
+                                    caches=runtime.caches)
+        return sorted(docs, key=lambda d: d.id)
+
+    alice_docs = documents(ALICE)
+    secret = [d.id for d in alice_docs].index(doc)
+    assert SECRET_WORD in alice_docs[secret].text
+    alice = embedder.document_vectors(alice_docs)
+    bob_docs = documents(BOB)
+    assert SECRET_WORD not in bob_docs[secret].text  # the flattened text was not shared
+    bob = embedder.document_vectors(bob_docs)
+    fresh = embedder.embed([d.text for d in bob_docs])  # Bob's own text, no cache
+    assert torch.allclose(bob, fresh, atol=1e-5), "Bob got a vector of another caller's text"
+    assert not torch.allclose(bob[secret], alice[secret], atol=1e-5)
+    # Text both callers built alike (no attachment) is one vector, embedded once.
+    plain = 1 - secret
+    assert torch.equal(bob[plain], alice[plain]) and len(runtime.caches.vectors) == 3

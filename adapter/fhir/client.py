@@ -2,7 +2,7 @@
 
 Every request carries a timeout, `Accept: application/fhir+json`, a User-Agent and the caller's
 Authorization header (passed through unchanged, never logged, sent only to URLs under the FHIR
-base). Connection errors, 429 and 5xx are retried with exponential backoff, read timeouts are
+base: a URL's path is normalised before that check, see `under_base_url`). Connection errors, 429 and 5xx are retried with exponential backoff, read timeouts are
 not; each failure that remains becomes a named error (adapter.fhir.responses) whose message
 names the upstream status, the URL path (never the query: it may carry patient ids) and the
 fix. The search's `upstream_deadline` (adapter.fhir.deadline) cuts every timeout and backoff.
@@ -17,7 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 
@@ -54,6 +54,41 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme.lower(), f"{(parts.hostname or '').lower()}:{port}"
 
 
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4: `/fhir/a/../b/./c` → `/fhir/b/c` (never above the root)."""
+    segments = path.split("/")
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if len(out) > 1 or (out and out[0]):
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")  # `/a/b/..` is the folder `/a/`
+    joined = "/".join(out)
+    return joined if joined.startswith("/") or not path.startswith("/") else "/" + joined
+
+
+def path_readings(path: str) -> set[str]:
+    """Every path a server might take `path` for, dot segments removed: as sent, and with
+    percent-encoding undone (`%2e%2e`, `%2F`, up to three times for double encoding),
+    backslashes read as slashes and `;params` dropped from segments (`..;/`), as lenient
+    servers and proxies do. A URL is under the FHIR base only when all of them are."""
+    decoded, text = [path], path
+    for _ in range(3):
+        text = unquote(text)
+        if text == decoded[-1]:
+            break
+        decoded.append(text)
+    readings = set()
+    for text in decoded:
+        slashed = text.replace("\\", "/")
+        unparam = "/".join(segment.split(";", 1)[0] for segment in slashed.split("/"))
+        readings.update(remove_dot_segments(t) for t in (text, slashed, unparam))
+    return readings
+
+
 class FhirRestSource(FhirSource):
     """Searches a FHIR R4 server over HTTP (see the module docstring for the guarantees)."""
 
@@ -86,13 +121,23 @@ class FhirRestSource(FhirSource):
                    max_attachment_bytes=settings.max_attachment_bytes,
                    max_resources=settings.max_resources)
 
-    def _under_base(self, url: str) -> bool:
-        """True for URLs on the FHIR base's origin *and* under its path: the only URLs the
-        caller's Authorization is sent to (not other paths of the same host)."""
+    def under_base_url(self, url: str) -> str | None:
+        """`url` as it will be sent (dot segments removed) when it is on the FHIR base's
+        origin *and* under its path however a server reads it (`path_readings`: `..`, `%2e%2e`,
+        backslashes, `..;`), else None: the only URLs the caller's Authorization is sent to
+        (not other paths of the same host)."""
         if _origin(url) != self._origin:
-            return False
-        path = urlsplit(url).path.rstrip("/")
-        return path == self._base_path or path.startswith(self._base_path + "/")
+            return None
+        parts = urlsplit(url)
+        bases = {b.rstrip("/") for b in path_readings(self._base_path or "/")}
+        for path in path_readings(parts.path):
+            path = path.rstrip("/")
+            if not any(path == base or path.startswith(base + "/") for base in bases):
+                return None
+        return urlunsplit(parts._replace(path=remove_dot_segments(parts.path)))
+
+    def _under_base(self, url: str) -> bool:
+        return self.under_base_url(url) is not None
 
     def describe(self) -> str:
         return f"FhirRestSource({self.base_url})"
@@ -100,6 +145,11 @@ class FhirRestSource(FhirSource):
     def _get(self, url: str, authorization: str | None, *, accept: str = FHIR_JSON,
              stream: bool = False) -> requests.Response:
         """GET with retries; returns a 2xx/4xx response or raises a named Upstream error."""
+        checked = self.under_base_url(url)
+        if checked is None:  # the callers check first; this is the last line of defence
+            raise UpstreamError("refusing a request outside the FHIR base: the caller's "
+                                "credentials go to that base only; check fhir_base_url")
+        url = checked
         headers = {"Accept": accept, "User-Agent": USER_AGENT}
         if authorization:
             headers["Authorization"] = authorization
@@ -268,12 +318,13 @@ class FhirRestSource(FhirSource):
             url = self.base_url + link
         else:
             url = urljoin(self.base_url + "/", link)
-        if not self._under_base(url):
+        checked = self.under_base_url(url)
+        if checked is None:
             raise UpstreamError("refusing to follow a paging link to another server or outside "
                                 f"the FHIR base ({urlsplit(url).netloc}, base {self.base_url}): "
                                 "the caller's credentials go to that base only; check the "
                                 "FHIR server's base URL setting")
-        return url
+        return checked
 
     def search_many(self, searches: list[tuple[str, list[tuple[str, str]]]],
                     authorization: str | None = None,
@@ -303,8 +354,8 @@ class FhirRestSource(FhirSource):
         """(content type, bytes) of an attachment under the FHIR base (`Binary/x` or an
         absolute URL under the base path), or None when it is elsewhere, missing, unreadable
         or over max_attachment_bytes. Never raises."""
-        absolute = urljoin(self.base_url + "/", url)
-        if not self._under_base(absolute):
+        absolute = self.under_base_url(urljoin(self.base_url + "/", url))
+        if absolute is None:
             log.warning("not fetching an attachment outside the FHIR base (the caller's "
                         "credentials go to the base only)")
             return None

@@ -1,7 +1,7 @@
 """Searches as jobs: the FHIR async pattern's back end.
 
     routing.py        model → tier queue; a worker's --tiers → the queues it consumes
-    envelope.py       seal / unseal: what crosses Redis, compressed and optionally encrypted
+    envelope.py       seal / unseal: what crosses Redis, compressed and encrypted; the kept key
     runners.py        JobRunner, JobStatus, the in-process runner, job ids and refs
     celery_runner.py  the runner on Celery + Redis (records, 503s, status, cancel)
     task.py           the rerank job body and its Celery task

@@ -7,21 +7,27 @@ import logging
 from celery import Celery
 
 from adapter.config import Settings
-from adapter.jobs.envelope import check_payload_key
+from adapter.jobs.envelope import resolve_payload_key
 from adapter.jobs.routing import DEFAULT_QUEUE, all_queues, rerank_queue
 
 log = logging.getLogger(__name__)
 
 
-def make_celery(settings: Settings, *, set_as_current: bool = True) -> Celery:
+def make_celery(settings: Settings, *, set_as_current: bool = True,
+                announce_key: bool = True) -> Celery:
     """A Celery app for `settings` (broker and results on `redis_url`), fail-fast timeouts.
 
     A job held by a dead worker is handed over by the heartbeat check (job_stale_after), not
-    by the broker's visibility timeout, which only bounds a forgotten message's life."""
+    by the broker's visibility timeout, which only bounds a forgotten message's life.
+    Jobs are always encrypted: an empty `payload_key` is filled in here with the key this
+    machine keeps (adapter.jobs.envelope.resolve_payload_key), said in one log line now, or,
+    without `announce_key`, left in `app.fhir_key_note` for a worker to say once it logs."""
     if not settings.redis_url:
         raise ValueError("redis_url is empty; set FHIR_RERANK_REDIS_URL (e.g. "
                          "redis://127.0.0.1:6379/0) to run reranking on Celery workers")
-    check_payload_key(settings.payload_key)
+    settings.payload_key, key_note = resolve_payload_key(settings)
+    if announce_key:
+        log.info("%s", key_note)
     timeout = settings.redis_timeout
     visibility = settings.broker_visibility_timeout
     fast_retry = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
@@ -50,4 +56,5 @@ def make_celery(settings: Settings, *, set_as_current: bool = True) -> Celery:
         worker_send_task_events=False, task_send_sent_event=False,
     )
     app.fhir_settings = settings  # type: ignore[attr-defined]
+    app.fhir_key_note = key_note  # type: ignore[attr-defined]
     return app

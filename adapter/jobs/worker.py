@@ -34,21 +34,44 @@ _worker_queues: list[str] = []
 def make_worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app a worker runs: the task registered, the start-up signals connected, and
     its runtime (`app.fhir_runtime`: caches and models; each prefork child loads its own)."""
+    from adapter.logs import install_redaction
+
+    install_redaction()  # `celery -A celery_app worker` does not go through the CLI
     settings = settings or load_settings()
-    app = make_celery(settings)
+    app = make_celery(settings, announce_key=False)  # said once Celery's logging is up
     app.fhir_runtime = Runtime(settings)
     import adapter.jobs.task  # noqa: F401 - registers the shared task on this app
 
     _quiet_task_results()
     signals.worker_init.connect(_remember_queues, weak=False, dispatch_uid="fhir-rerank-queues")
     signals.worker_ready.connect(_start_beat, weak=False, dispatch_uid="fhir-rerank-beat")
+    signals.worker_ready.connect(_say_key, weak=False, dispatch_uid="fhir-rerank-key")
     signals.worker_shutdown.connect(_stop_beat, weak=False, dispatch_uid="fhir-rerank-unbeat")
     signals.worker_process_init.connect(_load_models, weak=False,
                                         dispatch_uid="fhir-rerank-load-models")
+    if not settings.log_phi_at_debug:
+        signals.after_setup_logger.connect(_no_debug, weak=False,
+                                           dispatch_uid="fhir-rerank-no-debug")
     if settings.log_format == "json":
         for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
             signal.connect(_json_lines, weak=False, dispatch_uid=f"fhir-rerank-json-{signal}")
     return app
+
+
+def _say_key(sender: Any = None, **_: object) -> None:
+    """The payload key's one line (made or kept, where; never the key) in the worker's log."""
+    note = getattr(getattr(sender, "app", None), "fhir_key_note", None)
+    if note:
+        logging.getLogger("adapter.jobs.envelope").info("%s", note)
+
+
+def _no_debug(logger: logging.Logger | None = None, **_: object) -> None:
+    """`celery worker --loglevel DEBUG` without `log_phi_at_debug`: INFO, said in one line
+    (`fhir-rerank worker` refuses DEBUG before it starts)."""
+    if logger is not None and logger.level < logging.INFO:
+        logger.setLevel(logging.INFO)
+        logger.warning("log level DEBUG refused: its lines hold patient data; logging at INFO "
+                       "(set log_phi_at_debug = true to allow DEBUG)")
 
 
 def _json_lines(logger: logging.Logger | None = None, **_: object) -> None:

@@ -3,7 +3,9 @@ vLLM, Cohere-compatible gateways, another instance of this adapter).
 
 Documents are sent in calls of at most `remote_max_documents`; each call has a timeout and is
 retried with exponential backoff on 429, 5xx and connection errors (a `Retry-After` header
-wins). The API key comes from the environment variable named by `remote_api_key_env`, never
+wins). Redirects are never followed: a call carries the question and patient text, so a 3xx
+answer is an error naming `remote_url` (set it to the address that answers), and nothing is
+sent to the place it points at. The API key comes from the environment variable named by `remote_api_key_env`, never
 from configuration files. Usage is read back from the answer (`usage.total_tokens`,
 `meta.billed_units.input_tokens` or `tokens.input_tokens`); a remote reports tokens per call,
 so each call's total is spread evenly over its documents.
@@ -121,7 +123,8 @@ class RemoteReranker(Reranker):
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
-                resp = self.session.post(self.endpoint, json=body, timeout=self.timeout)
+                resp = self.session.post(self.endpoint, json=body, timeout=self.timeout,
+                                         allow_redirects=False)
             except requests.Timeout:
                 if last:
                     raise UpstreamTimeout(f"the remote reranker did not answer within "
@@ -136,6 +139,11 @@ class RemoteReranker(Reranker):
                 continue
             if resp.status_code == 200:
                 return resp.json()
+            if 300 <= resp.status_code < 400:
+                raise UpstreamError(
+                    f"the remote reranker answered {resp.status_code} (a redirect); patient "
+                    "data is never sent to a redirect target: set remote_url "
+                    "(FHIR_RERANK_REMOTE_URL) to the address that answers /v1/rerank itself")
             if resp.status_code in RETRY_STATUSES and not last:
                 log.warning("remote reranker answered %s; retry %d of %d", resp.status_code,
                             attempt + 1, self.retries)

@@ -11,7 +11,11 @@ relative and padding is masked, so both give the same vectors).
 
 Models load once per runtime (`adapter.runtime.ModelStore`, keyed by checkpoint, device and
 dtype) with transformers' real classes (`AutoModel` → `Qwen3Model`), like the reranker.
-Document vectors are cached per resource version in the runtime's `Caches.vectors`.
+Document vectors are cached in the runtime's `Caches.vectors` per resource version *and* a
+digest of the text embedded: a document's text may hold an attachment only the caller's
+credentials could read (adapter.fhir.flatten caches such text per caller), and a vector is a
+function of its text alone, so a caller is only ever given the vector of the very text their
+own access built, never one made from text another caller could read and they could not.
 """
 from __future__ import annotations
 
@@ -149,9 +153,11 @@ class Qwen3Embedder:
         return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu()
 
     def document_vectors(self, documents: Sequence[Document]) -> torch.Tensor:
-        """(n, hidden) unit vectors of the documents' flattened text, cached per version."""
-        keys = [(self.cache_id, version_key(d.resource, d.full_url)
-                 or hashlib.sha256(d.text.encode("utf-8")).hexdigest()) for d in documents]
+        """(n, hidden) unit vectors of the documents' flattened text, cached per version and
+        text (see the module docstring: never another caller's text's vector)."""
+        keys = [(self.cache_id, version_key(d.resource, d.full_url),
+                 hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).hexdigest())
+                for d in documents]
         vectors: list[torch.Tensor | None] = [self.vectors.get(k) for k in keys]
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
