@@ -20,7 +20,7 @@ from adapter.rerank.bm25_only import BM25OnlyReranker
 from adapter.runtime import Runtime
 from adapter.search.analyze import question_language, stem
 from adapter.search.bm25 import BM25Index, neighbours, recall, recall_matches
-from adapter.search.expand import (EXPANSION_WEIGHT, RELATED_WEIGHT, USER_WEIGHT,
+from adapter.search.expand import (RELATED_WEIGHT, USER_WEIGHT,
                                    triggered_concepts, weighted_query)
 from adapter.search.lexicon import HERE, load_lexicon, trigger_form
 

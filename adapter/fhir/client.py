@@ -24,7 +24,8 @@ import requests
 from adapter.errors import (BadRequest, UpstreamError, UpstreamGone, UpstreamNotFound,
                             UpstreamTimeout)
 from adapter.fhir.deadline import expired_error, remaining, submit_in_context
-from adapter.fhir.responses import outcome_warnings, parse_retry_after, raise_for_status
+from adapter.fhir.responses import outcome_warnings, raise_for_status
+from adapter.retry import RETRY_STATUSES, wait_before_retry
 from adapter.fhir.source import FhirSource
 from adapter.logsafe import redact_path
 from adapter.models import FetchResult, Outcome
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 USER_AGENT = "fhir-rerank-adapter/0.1"
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_WORKERS = 4
 
 
@@ -198,16 +198,8 @@ class FhirRestSource(FhirSource):
                 response.close()
             log.warning("FHIR GET %s: %s; retry %d/%d", redact_path(path), problem, attempt + 1,
                         self.retries)
-            self._sleep(attempt, retry_after)
+            wait_before_retry(attempt, self.backoff, retry_after, self.retry_after_cap)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
-        delay = self.backoff * (2 ** attempt)
-        hinted = parse_retry_after(retry_after)
-        if hinted is not None:
-            delay = max(delay, min(hinted, self.retry_after_cap))
-        left = remaining()
-        time.sleep(delay if left is None else max(0.0, min(delay, left)))
 
     def _get_json(self, url: str, authorization: str | None, expect: str) -> dict[str, Any]:
         """GET a FHIR JSON resource of type `expect`; malformed bodies are UpstreamError."""

@@ -3,8 +3,6 @@ from adapter.errors that names it and the fix, an OperationOutcome's issues as t
 Retry-After. Messages name the URL path, never the query (it may carry patient ids)."""
 from __future__ import annotations
 
-import email.utils
-import time
 from typing import Any
 
 import requests
@@ -73,12 +71,3 @@ def outcome_diagnostics(response: requests.Response) -> str:
         return ""
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    value = (value or "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Callable
 
 import requests
 
 from adapter.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult, require_query
+from adapter.retry import RETRY_STATUSES, wait_before_retry
 
 log = logging.getLogger(__name__)
-RETRY_STATUSES = {429, 500, 502, 503, 504}
+RETRY_AFTER_CAP = 60.0  # seconds: the longest Retry-After a remote reranker may make us wait
 
 
 def call_tokens(answer: dict[str, Any]) -> int:
@@ -153,13 +153,7 @@ class RemoteReranker(Reranker):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
-        delay = self.backoff * (2 ** attempt)
-        if retry_after:
-            try:
-                delay = min(float(retry_after), 60.0)
-            except ValueError:
-                pass
-        time.sleep(delay)
+        wait_before_retry(attempt, self.backoff, retry_after, RETRY_AFTER_CAP)
 
     @staticmethod
     def _failure(resp: requests.Response) -> UpstreamError:

@@ -29,7 +29,6 @@ come back (in score order). Ties are broken by document id, so the order is dete
 from __future__ import annotations
 
 import bisect
-import heapq
 import logging
 import math
 from collections import Counter
