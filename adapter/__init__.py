@@ -22,7 +22,7 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
 
     from adapter.api.async_routes import bp as async_bp
     from adapter.api.errors import register_error_handlers
-    from adapter.api.health import bp as ops_bp
+    from adapter.api.ops import bp as ops_bp
     from adapter.api.hosts import check_host, trusted_hosts
     from adapter.api.observe import register_request_hooks
     from adapter.api.rerank_api import bp as rerank_api_bp

@@ -132,7 +132,7 @@ def _worker_devices(args: argparse.Namespace) -> list[str]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from adapter.api.params import parse_search
-    from adapter.cli_people import print_bundle_table, progress
+    from adapter.cli_output import print_bundle_table, progress
     from adapter.fhir import make_source
     from adapter.pipeline import LinkContext, prepare_search, rank_prepared
     from adapter.runtime import Runtime
@@ -189,13 +189,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_rerank(args: argparse.Namespace) -> int:
-    from adapter.cli_people import cmd_rerank as run
+    from adapter.cli_output import cmd_rerank as run
 
     return run(args, _settings_from(args, COMMON))
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from adapter.cli_people import progress
+    from adapter.cli_output import progress
     from adapter.rerank.tiny import make_tiny_model
 
     with progress("make-tiny-model", unit="step") as on_progress:

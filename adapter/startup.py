@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from adapter.config import Settings
-from adapter.health import probe_redis, probe_source, probe_workers
+from adapter.readiness import probe_redis, probe_source, probe_workers
 
 log = logging.getLogger("adapter.startup")
 

@@ -64,10 +64,10 @@ def test_time_budget_with_the_qwen3_engine_keeps_what_its_measured_speed_allows(
 
 
 def test_no_model_no_speed_limit():
-    from adapter.rerank.bm25_only import BM25OnlyReranker
+    from adapter.rerank.keyword import KeywordReranker
 
     req = {"query": "q", "rerank_budget_s": 0.001}
-    assert apply_time_budget(req, _docs(5), [0.0] * 5, BM25OnlyReranker())[0] == _docs(5)
+    assert apply_time_budget(req, _docs(5), [0.0] * 5, KeywordReranker())[0] == _docs(5)
 
 
 def test_budget_parameter_and_setting():

@@ -17,7 +17,7 @@ from adapter.eval.runner import evaluate, score_rankings
 from adapter.fhir import make_source
 from adapter.models import SearchRequest
 from adapter.pipeline import LinkContext, collect_documents, prepare_search, rank_prepared
-from adapter.rerank.bm25_only import BM25OnlyReranker
+from adapter.rerank.keyword import KeywordReranker
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = "79a66c97-6131-3213-f3c9-4606946ab056"
@@ -97,7 +97,7 @@ def test_eval_command_end_to_end(judged, tmp_path: Path) -> None:
 def test_recall_stage_judges_the_candidates_and_final_the_matches(judged) -> None:
     topics, qrels, _ = judged
     settings = load_settings({"reranker": "none"}, env={})
-    source, reranker = make_source(settings), BM25OnlyReranker()
+    source, reranker = make_source(settings), KeywordReranker()
     judged_topics = [t for t in load_topics(topics) if t.qid == "sinus"]
     from adapter.eval.data import load_qrels
     recall = evaluate(judged_topics, load_qrels(qrels), source, reranker, settings,
@@ -114,7 +114,7 @@ def test_a_fallback_says_once_that_nothing_was_reranked() -> None:
     request = SearchRequest(query="sinusitis", patient=BIG, types=("Condition",), count=5)
     payload = prepare_search(request, make_source(settings), settings,
                              LinkContext("http://x/fhir", "$rerank"))
-    fallback = BM25OnlyReranker(fallback_reason="no weights here")
+    fallback = KeywordReranker(fallback_reason="no weights here")
     bundle = rank_prepared(payload, fallback)
     said = [i["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
             for i in e["resource"]["issue"]]

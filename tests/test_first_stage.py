@@ -16,7 +16,7 @@ from adapter.eval.data import load_qrels, load_topics
 from adapter.eval.runner import evaluate, rank_topic
 from adapter.fhir import make_source
 from adapter.models import Document
-from adapter.rerank.bm25_only import BM25OnlyReranker
+from adapter.rerank.keyword import KeywordReranker
 from adapter.runtime import Runtime
 from adapter.search.analyze import question_language, stem
 from adapter.search.bm25 import BM25Index, neighbours, recall, recall_matches
@@ -273,7 +273,7 @@ def test_the_in_repo_eval_reproduces_the_readme_table(name: str, data: str) -> N
                               "fhir_data": str(ROOT / "fhir_fixtures" / data)}, env={})
     folder = ROOT / "eval" / name
     result = evaluate(load_topics(folder / "topics.json"), load_qrels(folder / "qrels.txt"),
-                      make_source(settings), BM25OnlyReranker(), settings, progress=False)
+                      make_source(settings), KeywordReranker(), settings, progress=False)
     measured = [round(result.overall[m], 3) for m in ("nDCG@10", "R@10", "R@100", "MRR")]
     assert _readme_table()[(name, "after")] == measured
     if name == "notes-heavy":
@@ -299,7 +299,7 @@ def test_the_readme_kidney_example_lists_the_ckd_conditions_first() -> None:
     settings = load_settings({"reranker": "none", "require_patient": False}, env={})
     runtime = Runtime(settings)
     ranked = rank_topic(Topic("kidney", "kidney disease", BIG), make_source(settings),
-                        BM25OnlyReranker(), settings, "final", 10, runtime)
+                        KeywordReranker(), settings, "final", 10, runtime)
     source = make_source(settings)
     ckd = {f"Condition/{c['id']}" for c in
            (json.loads(line) for line in (ROOT / "fhir_fixtures" / "synthea-bulk" /

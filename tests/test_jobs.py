@@ -16,7 +16,7 @@ import redis
 from cryptography.fernet import Fernet
 
 from adapter import create_app
-from adapter.api.identity import caller_identity
+from adapter.identity import caller_identity
 from adapter.config import load_settings
 from adapter.jobs import job_ref
 from adapter.jobs.celery_runner import CeleryJobRunner

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from adapter import create_app
 from adapter.config import load_settings
 from adapter.rerank.base import ScoreOptions, ScoreResult
-from adapter.rerank.bm25_only import BM25OnlyReranker
+from adapter.rerank.keyword import KeywordReranker
 from adapter.rerank.qwen3 import BODY, PREFIX, SUFFIX, Qwen3Reranker
 from adapter.rerank.usage import format_usd, price_per_million, tier_of, usage_from_bundle, usage_of
 
@@ -67,9 +67,9 @@ def test_cost_per_tier_and_the_price_table():
 
 
 def test_keyword_order_says_why_and_costs_nothing():
-    configured = BM25OnlyReranker().score(QUERY, ["breath short", "knee"])
+    configured = KeywordReranker().score(QUERY, ["breath short", "knee"])
     assert configured.keyword_reason == "reranker = none" and not configured.fallback
-    fallback = BM25OnlyReranker("model missing").score(QUERY, ["breath"])
+    fallback = KeywordReranker("model missing").score(QUERY, ["breath"])
     assert fallback.fallback and fallback.keyword_reason == "model missing"
     assert configured.total_tokens == 0
 

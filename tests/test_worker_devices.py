@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from adapter import create_app
-from adapter.api.identity import caller_identity
+from adapter.identity import caller_identity
 from adapter.config import load_settings
 from adapter.jobs.devices import check_cuda_devices, parse_devices, plan_slots
 from adapter.jobs.heartbeat import lease_key, live_workers, workers_key

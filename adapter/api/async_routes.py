@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from adapter.api.errors import fhir_response, outcome_response
-from adapter.api.identity import caller_identity
+from adapter.identity import caller_identity
 from adapter.api.hosts import api_base
 from adapter.api.state import state
 from adapter.jobs import JobStatus

@@ -13,7 +13,7 @@ import logging
 
 from flask import Blueprint, Response, jsonify, request
 
-from adapter.api.identity import caller_identity
+from adapter.identity import caller_identity
 from adapter.api.rerank_jobs import format_answer, models_list, parse_rerank_request
 from adapter.api.state import state
 from adapter.errors import AdapterError, UpstreamTimeout, Unauthorized

@@ -17,7 +17,7 @@ from adapter.config import Settings
 from adapter.errors import BadRequest, ModelLoadError
 from adapter.metrics import MODEL_LOADS
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
-from adapter.rerank.bm25_only import BM25OnlyReranker
+from adapter.rerank.keyword import KeywordReranker
 
 if TYPE_CHECKING:
     from adapter.runtime import Caches, ModelStore
@@ -37,7 +37,7 @@ def build_reranker(settings: Settings, model: str, models: "ModelStore | None" =
     tokens = caches.tokens if caches is not None else None
     if settings.reranker == "none":
         MODEL_LOADS.labels("none", "loaded").inc()
-        return BM25OnlyReranker(tokens=tokens)
+        return KeywordReranker(tokens=tokens)
     if settings.reranker == "remote":
         from adapter.rerank.remote import RemoteReranker
 
@@ -61,7 +61,7 @@ def build_reranker(settings: Settings, model: str, models: "ModelStore | None" =
             raise
         MODEL_LOADS.labels("qwen3", "fallback").inc()
         log.warning("reranker: serving BM25 order, the model is unavailable: %s", exc.message)
-        return BM25OnlyReranker(fallback_reason=exc.message, tokens=tokens)
+        return KeywordReranker(fallback_reason=exc.message, tokens=tokens)
 
 
 def reranker_key(settings: Settings, model: str) -> tuple:

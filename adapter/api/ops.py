@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, json
 
 from adapter.api.state import state
-from adapter.health import readiness
+from adapter.readiness import readiness
 from adapter.metrics import exposition
 
 bp = Blueprint("ops", __name__)

@@ -11,7 +11,7 @@ from adapter.search.bm25 import normalise_scores, ranking_scores
 CONFIGURED_REASON = "reranker = none"
 
 
-class BM25OnlyReranker(Reranker):
+class KeywordReranker(Reranker):
     name = "none"
     is_model = False
 
