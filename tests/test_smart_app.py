@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -213,6 +214,14 @@ def test_allow_list_setting_and_frame_ancestors():
         "/app/launch?iss=http://fhir.example/r4&launch=1").status_code == 200
 
 
+def test_file_source_serves_the_patient_for_the_banner():
+    app = create_app({"reranker": "none", "fhir_base_url": "", "smart_standin": True})
+    client = app.test_client()
+    patient = client.get("/fhir/Patient/79a66c97-6131-3213-f3c9-4606946ab056")
+    assert patient.status_code == 200 and patient.json["resourceType"] == "Patient"
+    assert client.get("/fhir/Patient/no-such-patient").status_code == 404
+
+
 def test_vendored_fhirclient_is_the_pinned_npm_build():
     """The browser build of fhirclient 2.6.3 (npm, Apache-2.0), unmodified, licence beside it."""
     import hashlib
@@ -314,7 +323,7 @@ class Serve:
         raise AssertionError("serve did not start: " + log_path.read_text()[-3000:])
 
     def stop(self) -> str:
-        self.proc.terminate()
+        self.proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
@@ -326,6 +335,8 @@ class Serve:
 @pytest.fixture(scope="module")
 def smart_stack(tmp_path_factory, tiny_model_dir):
     why = _browser_ready()
+    if why and os.environ.get("SMART_APP_BROWSER") == "required":  # `make test` installed them
+        pytest.fail(why)
     if why:
         pytest.skip(why)
     fhir = FhirTestServer()
@@ -343,16 +354,24 @@ def smart_stack(tmp_path_factory, tiny_model_dir):
         "FHIR_RERANK_MAX_CHUNKS_PER_DOC": "50",
     }, log_dir / "serve.log")
     try:
-        from adapter.app.standin import configuration
-
-        # The test FHIR server is now a SMART server whose authorization server is the
-        # stand-in: discovery, CORS, and only tokens the stand-in calls active.
-        fhir.set_smart(configuration(serve.root))
-        fhir.set_auth(introspect=serve.root + "/smart/introspect")
         yield {"fhir": fhir, "serve": serve, "pid": pid, "dir": log_dir}
     finally:
         serve.stop()
         fhir.stop()
+
+
+@pytest.fixture()
+def smart(smart_stack):
+    """The stack with the test FHIR server made a SMART server whose authorization server is
+    the stand-in (discovery, CORS, only tokens the stand-in calls active), no faults armed."""
+    from adapter.app.standin import configuration
+
+    fhir, root = smart_stack["fhir"], smart_stack["serve"].root
+    fhir.reset()
+    fhir.set_smart(configuration(root))
+    fhir.set_auth(introspect=root + "/smart/introspect")
+    yield smart_stack
+    fhir.reset()
 
 
 def _drive(plan: dict, timeout: float = 150) -> dict:
@@ -362,11 +381,11 @@ def _drive(plan: dict, timeout: float = 150) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_ehr_launch_search_filter_and_401_in_chromium(smart_stack):
-    fhir, serve, pid = smart_stack["fhir"], smart_stack["serve"], smart_stack["pid"]
+def test_ehr_launch_search_filter_and_401_in_chromium(smart):
+    fhir, serve, pid = smart["fhir"], smart["serve"], smart["pid"]
     made = requests.post(serve.root + "/smart/launches", json={"patient": pid}, timeout=10).json()
     assert made["url"].startswith(serve.root + "/app/launch?iss=")
-    shot = smart_stack["dir"] / "chart-search.png"
+    shot = smart["dir"] / "chart-search.png"
     seen = _drive({"launchUrl": made["url"], "question": "shortness of breath",
                    "dateFrom": "2021-01-01", "fhirAdminUrl": fhir.admin_url,
                    "screenshot": str(shot), "timeoutMs": 60000})
@@ -378,8 +397,8 @@ def test_ehr_launch_search_filter_and_401_in_chromium(smart_stack):
     assert "code=" not in launched["url"]  # fhirclient took the code out of the address
     assert "Ada Testperson" in launched["banner"] and "1950-02-03" in launched["banner"]
     assert launched["focused"] == "q"
-    authorize = [u for u in seen["navigations"] if "/smart/authorize?" in u]
-    assert authorize, seen["navigations"]
+    authorize = [r["url"] for r in seen["requests"] if "/smart/authorize?" in r["url"]]
+    assert len(authorize) == 1, seen["requests"]
     query = parse_qs(urlsplit(authorize[0]).query)
     assert query["code_challenge_method"] == ["S256"] and len(query["code_challenge"][0]) == 43
     assert query["launch"] == [made["launch"]] and query["state"][0]
@@ -431,8 +450,23 @@ def test_ehr_launch_search_filter_and_401_in_chromium(smart_stack):
         shutil.copyfile(shot, os.environ["SMART_APP_SCREENSHOT"])
 
 
-def test_launch_with_an_iss_off_the_list_is_refused_in_the_browser(smart_stack):
-    serve = smart_stack["serve"]
+def test_standalone_launch_picks_the_patient_in_chromium(smart):
+    serve, pid = smart["serve"], smart["pid"]
+    seen = _drive({"launchUrl": serve.root + "/app/launch", "standalonePatient": pid,
+                   "question": "inhaler", "timeoutMs": 60000})
+    assert seen["steps"]["picker"]["url"].startswith(serve.root + "/smart/authorize?")
+    query = parse_qs(urlsplit(seen["steps"]["picker"]["url"]).query)
+    assert "launch" not in query and "launch/patient" in query["scope"][0].split()
+    assert query["code_challenge_method"] == ["S256"]
+    assert "Ada Testperson" in seen["steps"]["launched"]["banner"]
+    grouped = seen["steps"]["grouped"]
+    assert grouped["error"] is None and grouped["entries"]
+    short = next(e for e in grouped["entries"] if e["text"] == "Telephone follow-up")
+    assert short["passageSource"] == "words" and short["marks"] == ["inhaler"]
+
+
+def test_launch_with_an_iss_off_the_list_is_refused_by_the_server(smart):
+    serve = smart["serve"]
     answer = requests.get(serve.root + "/app/launch", params={
         "iss": "http://127.0.0.1:9/fhir", "launch": "x"}, timeout=10)
     assert answer.status_code == 400 and "not configured for" in answer.text

@@ -4,7 +4,7 @@
 //
 //   node tests/browser/chart_search.js '<json plan>'
 //
-// plan: { launchUrl, question, dateFrom?, fhirAdminUrl?, screenshot?, timeoutMs? }
+// plan: { launchUrl, question, standalonePatient?, dateFrom?, fhirAdminUrl?, screenshot?, timeoutMs? }
 // Steps: open the launch link (EHR launch → authorize → token → /app/), search with the
 // keyboard, read the results grouped and as one list, narrow by date, then (fhirAdminUrl)
 // make the FHIR server answer 401 and read the error. Waits on the page's own signals
@@ -67,6 +67,12 @@ async function main() {
 
     // 1. The EHR opens the launch link; the app must arrive on /app/ signed in.
     await page.goto(plan.launchUrl);
+    if (plan.standalonePatient) {  // standalone launch: the authorization server asks who
+      await page.locator('input#patient').waitFor({ state: 'visible' });
+      out.steps.picker = { url: page.url() };
+      await page.locator('input#patient').fill(plan.standalonePatient);
+      await page.locator('input#patient').press('Enter');
+    }
     await page.locator('#search').waitFor({ state: 'visible' });
     await page.locator('#banner[data-loaded]').waitFor({ state: 'attached' });
     out.steps.launched = {

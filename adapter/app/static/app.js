@@ -115,9 +115,22 @@
     return "";
   }
 
+  // Words too common to show where a question matches (English; other languages keep theirs).
+  const COMMON = new Set(["the", "and", "for", "with", "from", "that", "this", "was", "were",
+    "are", "has", "had", "have", "any", "all", "not", "but", "about", "into", "what", "when",
+    "which", "who", "why", "how", "does", "did", "patient"]);
+
   function terms(question) {
     return Array.from(new Set(question.toLowerCase().split(/[^\p{L}\p{N}]+/u)
-      .filter((t) => t.length > 2)));
+      .filter((t) => t.length > 2 && !COMMON.has(t))));
+  }
+
+  function escaped(word) { return word.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"); }
+
+  // A word of the question at the start of a word of the text ("breath" marks "breathing").
+  function termPattern(question) {
+    const words = terms(question).map(escaped);
+    return words.length ? new RegExp("(?<![\\p{L}\\p{N}])(" + words.join("|") + ")", "giu") : null;
   }
 
   // The best passage: the span the adapter scored best (best-passage extension), else the
@@ -129,20 +142,26 @@
       if (part && part.valueString) return { text: part.valueString, source: "model" };
     }
     const note = noteText(entry.resource || {});
-    if (!note) return null;
-    const lower = note.toLowerCase();
-    const hits = terms(question).map((t) => lower.indexOf(t)).filter((i) => i >= 0);
+    const pattern = termPattern(question);
+    if (!note || !pattern) return null;
+    const hits = Array.from(note.matchAll(pattern), (m) => ({ at: m.index, word: m[1].toLowerCase() }));
     if (!hits.length) return null;
-    const at = Math.min(...hits);
-    const start = Math.max(0, at - 120);
+    // the window (about 400 characters) holding the most different words of the question
+    let at = hits[0].at;
+    let best = 0;
+    hits.forEach((h) => {
+      const near = new Set(hits.filter((o) => o.at >= h.at && o.at < h.at + 300).map((o) => o.word));
+      if (near.size > best) { best = near.size; at = h.at; }
+    });
+    const start = Math.max(0, at - 100);
     const end = Math.min(note.length, at + 280);
-    return { text: (start > 0 ? "…" : "") + note.slice(start, end).trim() + (end < note.length ? "…" : ""), source: "words" };
+    const part = note.slice(start, end).replace(/\n\s*\n+/g, "\n").trim();
+    return { text: (start > 0 ? "…" : "") + part + (end < note.length ? "…" : ""), source: "words" };
   }
 
   function withMarks(parent, content, question) {
-    const words = terms(question).map((t) => t.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
-    if (!words.length) { parent.append(document.createTextNode(content)); return; }
-    const pattern = new RegExp("(" + words.join("|") + ")", "giu");
+    const pattern = termPattern(question);
+    if (!pattern) { parent.append(document.createTextNode(content)); return; }
     content.split(pattern).forEach((piece, i) => {
       parent.append(i % 2 === 1 ? text("mark", "", piece) : document.createTextNode(piece));
     });
