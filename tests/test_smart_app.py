@@ -282,6 +282,11 @@ def _chart(pid: str) -> list[dict]:
         {"resourceType": "Observation", "id": f"{pid}-spo2", "status": "final",
          "subject": subject, "code": {"text": "Oxygen saturation, short of breath at rest"},
          "effectiveDateTime": "2018-01-01", "valueQuantity": {"value": 91, "unit": "%"}},
+        *({"resourceType": "Observation", "id": f"{pid}-weight-{year}", "status": "final",
+           "subject": subject, "code": {"text": "Body weight"},
+           "effectiveDateTime": f"{year}-04-01", "valueQuantity": {"value": 60 + year % 7,
+                                                                 "unit": "kg"}}
+          for year in range(2010, 2015)),
     ]
 
 
@@ -404,12 +409,20 @@ def test_ehr_launch_search_filter_and_401_in_chromium(smart):
     assert query["launch"] == [made["launch"]] and query["state"][0]
     assert "patient/DocumentReference.rs" in query["scope"][0].split()
 
+    # the async job's progress, from X-Progress (the first answer is always a 202 "fetching")
+    assert "Reading the chart from the FHIR server…" in seen["progress"], seen["progress"]
+
     grouped = steps["grouped"]
     assert grouped["error"] is None
     assert [g["type"] for g in grouped["groups"]] == ["DocumentReference", "Observation",
                                                        "Condition"]
-    assert grouped["heading"] == "Results 1–6 of 6"
-    long_note = next(e for e in grouped["entries"] if e["text"] == "Pulmonology progress note")
+    assert grouped["heading"] == "Results 1–10 of 11" and grouped["nextEnabled"]
+    assert sum(g["count"] for g in grouped["groups"]) == 10
+    page2 = steps["page2"]
+    assert page2["heading"] == "Results 11–11 of 11" and not page2["nextEnabled"]
+    both = grouped["entries"] + page2["entries"]
+    assert len({(e["type"], e["date"], e["text"]) for e in both}) == 11
+    long_note = next(e for e in both if e["text"] == "Pulmonology progress note")
     note_text = "".join(PARAGRAPH.format(n=n) for n in range(1, 31))
     # the best passage the adapter scored (best-passage extension): a part of the note, shown
     # with the question's words marked
@@ -422,7 +435,13 @@ def test_ehr_launch_search_filter_and_401_in_chromium(smart):
     assert shot.stat().st_size > 10_000
 
     flat = steps["flat"]
-    assert flat["groups"] == [] and len(flat["entries"]) == 6
+    assert flat["groups"] == [] and len(flat["entries"]) == 10
+    assert sorted(e["text"] for e in flat["entries"]) == sorted(
+        e["text"] for e in grouped["entries"])
+
+    recent = [e["date"] for e in steps["recent"]["entries"]]
+    assert len(recent) == 10 and recent == sorted(recent, reverse=True)
+    assert recent[0] == "2023-06-01"
 
     dated = steps["dated"]
     assert dated["error"] is None and dated["heading"] == "Results 1–3 of 3"

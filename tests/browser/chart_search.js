@@ -58,6 +58,16 @@ async function main() {
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS, headless: true, timeout });
   try {
     const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
+    // Every text the progress label shows, as it changes (the page is fast; nothing is missed).
+    await context.addInitScript(() => {
+      window.__progress = [];
+      document.addEventListener('DOMContentLoaded', () => {
+        const label = document.getElementById('progress-label');
+        if (!label) return;
+        new MutationObserver(() => window.__progress.push(label.textContent))
+          .observe(label, { childList: true, characterData: true, subtree: true });
+      });
+    });
     const page = await context.newPage();
     page.setDefaultTimeout(timeout);
     page.on('request', (r) => out.requests.push({ method: r.method(), url: r.url() }));
@@ -105,7 +115,26 @@ async function main() {
     out.steps.flat = await readResults(page);
     await page.locator('#grouped').check();
 
-    // 4. Narrow by date: the From date starts a new search.
+    // 4. The next page, when there is one.
+    if (out.steps.grouped.nextEnabled) {
+      n = await searchesDone(page);
+      await page.locator('#next').click();
+      await waitForSearch(page, n, timeout);
+      out.steps.page2 = await readResults(page);
+    }
+
+    // 5. Most recent first.
+    n = await searchesDone(page);
+    await page.locator('#sort').selectOption('-date');
+    await waitForSearch(page, n, timeout);
+    await page.locator('#grouped').uncheck();  // read the order as one list
+    out.steps.recent = await readResults(page);
+    await page.locator('#grouped').check();
+    n = await searchesDone(page);
+    await page.locator('#sort').selectOption('_score');
+    await waitForSearch(page, n, timeout);
+
+    // 6. Narrow by date: the From date starts a new search.
     if (plan.dateFrom) {
       n = await searchesDone(page);
       await page.locator('#from').fill(plan.dateFrom);
@@ -114,7 +143,7 @@ async function main() {
       out.steps.dated = await readResults(page);
     }
 
-    // 5. The FHIR server answers 401: the page says so in a sentence.
+    // 7. The FHIR server answers 401: the page says so in a sentence.
     if (plan.fhirAdminUrl) {
       const fault = await fetch(plan.fhirAdminUrl + '/faults', {
         method: 'POST', headers: { 'Content-Type': 'application/json' },
@@ -127,6 +156,7 @@ async function main() {
       await waitForSearch(page, n, timeout);
       out.steps.refused = await readResults(page);
     }
+    out.progress = await page.evaluate(() => window.__progress);
   } finally {
     await browser.close();
   }
