@@ -23,7 +23,7 @@ import requests
 
 from adapter import create_app
 from adapter.app.standin import s256
-from adapter.fhir.bundle import PASSAGE_URL, add_passage_extensions
+from adapter.fhir.bundle import PASSAGE_TEXT_URL, PASSAGE_URL, add_passage_extensions
 from fhirserver import FhirTestServer
 from fixtures_jobs import REPO_ROOT, free_port
 
@@ -238,11 +238,11 @@ def test_passage_extension_carries_the_passage_text():
     text = "intro. The patient reports shortness of breath on exertion. outro"
     add_passage_extensions(bundle, {"DocumentReference/d1": (7, 59)},
                            {"DocumentReference/d1": text})
-    ext = bundle["entry"][0]["search"]["extension"][0]
-    assert ext["url"] == PASSAGE_URL
-    parts = {e["url"]: e for e in ext["extension"]}
-    assert parts["start"]["valueInteger"] == 7 and parts["end"]["valueInteger"] == 59
-    assert parts["text"]["valueString"] == "The patient reports shortness of breath on exertion."
+    span, passage = bundle["entry"][0]["search"]["extension"]
+    assert span == {"url": PASSAGE_URL, "extension": [{"url": "start", "valueInteger": 7},
+                                                      {"url": "end", "valueInteger": 59}]}
+    assert passage == {"url": PASSAGE_TEXT_URL,
+                       "valueString": "The patient reports shortness of breath on exertion."}
 
 
 # ---------------------------------------------------------------- the browser, end to end

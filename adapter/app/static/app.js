@@ -7,7 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const TYPE_LABELS = { DocumentReference: "Documents", Observation: "Observations", Condition: "Conditions" };
   const TYPE_ORDER = ["DocumentReference", "Observation", "Condition"];
-  const PASSAGE_URL = "https://fhir-rerank.example.org/StructureDefinition/best-passage";
+  const PASSAGE_TEXT_URL = "https://fhir-rerank.example.org/StructureDefinition/best-passage-text";
   const session = { token: null, patient: null, adapterBase: null, pageSize: 10 };
   const view = { offset: 0, bundle: null, asked: null, busy: false };
 
@@ -133,14 +133,11 @@
     return words.length ? new RegExp("(?<![\\p{L}\\p{N}])(" + words.join("|") + ")", "giu") : null;
   }
 
-  // The best passage: the span the adapter scored best (best-passage extension), else the
+  // The best passage: the span the adapter scored best (best-passage-text extension), else the
   // part of the note text around the first word of the question, else nothing.
   function bestPassage(entry, question) {
-    const ext = ((entry.search || {}).extension || []).find((e) => e.url === PASSAGE_URL);
-    if (ext) {
-      const part = (ext.extension || []).find((e) => e.url === "text");
-      if (part && part.valueString) return { text: part.valueString, source: "model" };
-    }
+    const ext = ((entry.search || {}).extension || []).find((e) => e.url === PASSAGE_TEXT_URL);
+    if (ext && ext.valueString) return { text: ext.valueString, source: "model" };
     const note = noteText(entry.resource || {});
     const pattern = termPattern(question);
     if (!note || !pattern) return null;
