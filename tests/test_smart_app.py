@@ -6,6 +6,8 @@ server, which accepts the stand-in's tokens by RFC 7662 introspection only."""
 from __future__ import annotations
 
 import base64
+import html
+import http.server
 import json
 import os
 import secrets
@@ -13,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -301,6 +304,37 @@ def _browser_ready() -> str | None:
     return None
 
 
+class EhrPages:
+    """A loopback "EHR": any GET answers a chart page embedding `?app=<url>` in an iframe."""
+
+    def __init__(self) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                app = parse_qs(urlsplit(self.path).query).get("app", [""])[0]
+                body = ("<!doctype html><title>EHR</title><h1>EHR chart</h1><iframe id=\"app\" "
+                        f"title=\"Chart search\" src=\"{html.escape(app)}\" width=\"1000\" "
+                        "height=\"800\"></iframe>").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, app: str) -> str:
+        return self.origin + "/chart?" + urlencode({"app": app})
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Serve:
     """`python -m adapter.cli serve` on a free port with the given settings."""
 
@@ -350,6 +384,7 @@ def smart_stack(tmp_path_factory, tiny_model_dir):
     for resource in _chart(pid):
         fhir.put(resource)
     log_dir = tmp_path_factory.mktemp("smart-app")
+    ehr, other = EhrPages(), EhrPages()  # the EHR may frame the app; the other origin may not
     serve = Serve({
         "FHIR_RERANK_FHIR_BASE_URL": fhir.base_url,
         "FHIR_RERANK_SMART_STANDIN": "true",
@@ -357,12 +392,16 @@ def smart_stack(tmp_path_factory, tiny_model_dir):
         "FHIR_RERANK_MODELS_ALLOWED": str(tiny_model_dir), "FHIR_RERANK_DEVICE": "cpu",
         "FHIR_RERANK_DTYPE": "float32", "FHIR_RERANK_MAX_LENGTH": "256",
         "FHIR_RERANK_MAX_CHUNKS_PER_DOC": "50",
+        "FHIR_RERANK_SMART_FRAME_ANCESTORS": ehr.origin,
     }, log_dir / "serve.log")
     try:
-        yield {"fhir": fhir, "serve": serve, "pid": pid, "dir": log_dir}
+        yield {"fhir": fhir, "serve": serve, "pid": pid, "dir": log_dir, "ehr": ehr,
+               "other": other}
     finally:
         serve.stop()
         fhir.stop()
+        ehr.stop()
+        other.stop()
 
 
 @pytest.fixture()
@@ -466,6 +505,9 @@ def test_ehr_launch_search_filter_and_401_in_chromium(smart):
     assert any(r["authorization"] == f"Bearer {token}" for r in logged)  # passed through
     serve_log = serve.log_path.read_text(errors="replace")
     assert token not in serve_log
+    # nor the patient id or the question, at INFO and above (the launch and the searches name both)
+    loud = [line for line in serve_log.splitlines() if "DEBUG" not in line]
+    assert loud and not [line for line in loud if pid in line or "shortness" in line]
     if os.environ.get("SMART_APP_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["SMART_APP_SCREENSHOT"])
 
@@ -483,6 +525,21 @@ def test_standalone_launch_picks_the_patient_in_chromium(smart):
     assert grouped["error"] is None and grouped["entries"]
     short = next(e for e in grouped["entries"] if e["text"] == "Telephone follow-up")
     assert short["passageSource"] == "words" and short["marks"] == ["inhaler"]
+
+
+def test_ehr_launch_inside_the_ehr_iframe_in_chromium(smart):
+    """frame-ancestors = smart_frame_ancestors: the EHR's origin may frame the app (the whole
+    launch runs inside the iframe), another origin may not."""
+    serve, pid = smart["serve"], smart["pid"]
+    made = requests.post(serve.root + "/smart/launches", json={"patient": pid}, timeout=10).json()
+    ehr, other = smart["ehr"], smart["other"]
+    seen = _drive({"question": "inhaler", "timeoutMs": 60000, "iframe": {
+        "parentUrl": ehr.url(made["url"]), "refusedParentUrl": other.url(serve.root + "/app/")}})
+    framed = seen["steps"]["iframe"]
+    assert framed["url"].startswith(serve.root + "/app/") and framed["results"] == 10
+    assert framed["heading"] == "Results 1–10 of 11"
+    assert "frame-ancestors" in seen["steps"]["iframeRefused"]
+    assert ehr.origin in seen["steps"]["iframeRefused"]
 
 
 def test_launch_with_an_iss_off_the_list_is_refused_by_the_server(smart):

@@ -51,6 +51,40 @@ async function waitForSearch(page, before, timeout) {
   await page.waitForFunction((n) => Number(document.body.dataset.searches || 0) > n, before, { timeout });
 }
 
+// The EHR's page (`plan.iframe.parentUrl`, a loopback server of the test) embeds the launch
+// link in an iframe; the app must launch and search inside it. A second EHR page, on an
+// origin not in `frame-ancestors` (`refusedParentUrl`), must be refused by the browser.
+async function iframeFlow(context, plan, out, timeout) {
+  const page = await context.newPage();
+  page.setDefaultTimeout(timeout);
+  page.on('console', (m) => out.console.push(m.text()));
+  await page.goto(plan.iframe.parentUrl);
+  const frame = await (await page.waitForSelector('#app')).contentFrame();
+  try {
+    await frame.locator('#search').waitFor({ state: 'visible' });
+  } catch (err) {
+    const status = await frame.locator('#status').textContent().catch(() => '(no status)');
+    throw new Error(`the app did not start in the iframe (${frame.url()}): ${status}\n`
+      + out.console.join('\n') + '\n' + err.message);
+  }
+  const n = await frame.evaluate(() => Number(document.body.dataset.searches || 0));
+  await frame.locator('#q').fill(plan.question);
+  await frame.locator('#q').press('Enter');
+  await frame.waitForFunction((k) => Number(document.body.dataset.searches || 0) > k, n, { timeout });
+  out.steps.iframe = {
+    url: frame.url(),
+    heading: (await frame.locator('#results-heading').textContent()).trim(),
+    results: await frame.locator('li.result').count(),
+  };
+  if (plan.iframe.refusedParentUrl) {  // frame-ancestors: the browser says so on the console
+    const refusedPage = await context.newPage();
+    const refusal = refusedPage.waitForEvent('console', {
+      predicate: (m) => /frame-ancestors/.test(m.text()), timeout });
+    await refusedPage.goto(plan.iframe.refusedParentUrl);
+    out.steps.iframeRefused = (await refusal).text();
+  }
+}
+
 async function main() {
   const plan = JSON.parse(process.argv[2]);
   const timeout = plan.timeoutMs || 60000;
@@ -58,6 +92,11 @@ async function main() {
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: FLAGS, headless: true, timeout });
   try {
     const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
+    if (plan.iframe) {
+      await iframeFlow(context, plan, out, timeout);
+      process.stdout.write(JSON.stringify(out) + '\n');
+      return;
+    }
     // Every text the progress label shows, as it changes (the page is fast; nothing is missed).
     await context.addInitScript(() => {
       window.__progress = [];
