@@ -238,13 +238,13 @@ def scoring_model(result: ScoreResult, requested: str) -> str:
 
 
 def keyword_order(recall_scores: list[float], candidate_scores: list[float]) -> list[float]:
-    """Scores for keyword order: recall's own BM25 (idf over the whole record, the same
-    weighted query), scaled to [0, 1]; the `none` backend's scores over the candidates only
-    break its ties (a tiny record, where Okapi's idf is 0 for every word, has nothing else)."""
+    """Scores for keyword order: recall's own BM25 (idf within the record's documents of the
+    same type, the same weighted query), scaled to [0, 1] by the best. Only when no candidate
+    scored at all do the `none` backend's scores over the candidates stand in."""
     top = max(recall_scores, default=0.0)
     if top <= 0.0:
         return candidate_scores
-    return [0.999 * r / top + 0.001 * c for r, c in zip(recall_scores, candidate_scores)]
+    return [r / top for r in recall_scores]
 
 
 def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is_model: bool,
@@ -328,12 +328,3 @@ def result_outcomes(result: ScoreResult) -> list[Outcome]:
                            f"{len(result.empty_docs)} document(s) had no text; they were scored "
                            "as empty documents"))
     return out
-
-
-def run_search(request: SearchRequest, source: FhirSource, reranker: Reranker,
-               settings: Settings, links: LinkContext, runtime: Runtime | None = None
-               ) -> dict[str, Any]:
-    """The whole pipeline in one call (CLI, in-process use)."""
-    runtime = runtime or Runtime(settings)
-    return rank_prepared(prepare_search(request, source, settings, links, runtime=runtime),
-                         reranker, settings=settings, runtime=runtime)

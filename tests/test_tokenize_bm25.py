@@ -60,8 +60,10 @@ def test_chinese_and_japanese_queries_match_their_documents() -> None:
 
 # ---------------------------------------------------------------- BM25 scores
 
-def _reference_bm25(query: list[str], corpus: list[list[str]], k1=1.5, b=0.75) -> list[float]:
-    """Okapi BM25 written out from the formula (idf floored at 0, i.e. epsilon = 0)."""
+def _reference_bm25(query: list[str], corpus: list[list[str]], k1=1.5, b=0.75,
+                    idf_of: str = "lucene") -> list[float]:
+    """BM25 written out from the formula: Lucene's idf log(1 + (N - n + 0.5)/(n + 0.5)), or
+    Okapi's (Robertson) idf floored at 0, i.e. rank-bm25 with epsilon = 0."""
     n_docs = len(corpus)
     avgdl = sum(map(len, corpus)) / n_docs
     out = []
@@ -69,7 +71,8 @@ def _reference_bm25(query: list[str], corpus: list[list[str]], k1=1.5, b=0.75) -
         score = 0.0
         for term in query:
             df = sum(term in d for d in corpus)
-            idf = max(0.0, math.log((n_docs - df + 0.5) / (df + 0.5)))
+            ratio = (n_docs - df + 0.5) / (df + 0.5)
+            idf = math.log(1 + ratio) if idf_of == "lucene" else max(0.0, math.log(ratio))
             tf = doc.count(term)
             score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / avgdl))
         out.append(score)
@@ -94,6 +97,10 @@ def test_scores_match_the_bm25_formula() -> None:
         expected = _reference_bm25(list(dict.fromkeys(tokenize(query))),
                                    [tokenize(t) for t in texts])
         assert bm25_scores(query, texts) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+        okapi = _reference_bm25(list(dict.fromkeys(tokenize(query))),
+                                [tokenize(t) for t in texts], idf_of="robertson")
+        assert BM25Index(texts, idf="robertson").scores(query) == pytest.approx(
+            okapi, rel=1e-12, abs=1e-12)
 
 
 def test_scores_come_back_in_input_order() -> None:
@@ -103,10 +110,14 @@ def test_scores_come_back_in_input_order() -> None:
     assert bm25_scores("chest pain", shuffled) == [scores[t] for t in shuffled]
 
 
-def test_terms_in_over_half_the_documents_score_zero() -> None:
+def test_a_word_in_every_document_still_counts_but_less_than_a_rare_one() -> None:
+    """Okapi's idf is 0 (rank-bm25: floored) for a word in half the documents or more; a
+    chart's notes repeat its problem list, so Lucene's idf, which stays positive, is used."""
     texts = ["blood glucose", "blood count", "blood pressure", "blood culture"]
-    assert bm25_scores("blood", texts) == [0.0] * 4
-    assert bm25_scores("glucose", texts)[0] > 0.0
+    assert BM25Index(texts, idf="robertson").scores("blood") == [0.0] * 4
+    every = bm25_scores("blood", texts)
+    assert all(s > 0.0 for s in every) and len(set(every)) == 1
+    assert bm25_scores("glucose", texts)[0] > every[0]
 
 
 def test_empty_corpus_and_empty_documents() -> None:
@@ -201,14 +212,15 @@ def test_ranking_scores_separate_a_two_document_record():
 
     texts = ["Observation: Hemoglobin A1c/Hemoglobin.total in Blood 8.1 %",
              "Observation: Heart rate 72 /min"]
-    assert bm25_scores("hemoglobin", texts) == [0.0, 0.0]  # Okapi idf is 0 here
+    assert BM25Index(texts, idf="robertson").scores("hemoglobin") == [0.0, 0.0]  # Okapi: 0
     scores = ranking_scores("hemoglobin a1c", texts)
     assert scores[0] > 0.0 and scores[1] == 0.0
     assert ranking_scores("", texts) == [0.0, 0.0] and ranking_scores("x", []) == []
 
 
 def test_postings_index_gives_rank_bm25_okapi_scores() -> None:
-    """BM25Index is its own postings index: same numbers as rank-bm25's BM25Okapi."""
+    """BM25Index is its own postings index: rank-bm25 is the reference, BM25Okapi for
+    Robertson's idf and BM25Okapi with Lucene's idf formula for the default."""
     import numpy as np
     from rank_bm25 import BM25Okapi
 
@@ -216,8 +228,19 @@ def test_postings_index_gives_rank_bm25_okapi_scores() -> None:
     vocab = [f"zq{i}" for i in range(40)]  # in no lexicon concept and no stopword list
     corpus = [rng.choices(vocab, k=rng.randint(0, 30)) for _ in range(300)] + [["zq1"]]
     okapi = BM25Okapi(corpus, k1=1.5, b=0.75, epsilon=0.0)
+    robertson = BM25Index(tokenized=corpus, idf="robertson")
+
+    class LuceneIdf(BM25Okapi):  # rank-bm25's extension point: the idf formula
+        def _calc_idf(self, nd):
+            self.idf = {w: math.log(1 + (self.corpus_size - n + 0.5) / (n + 0.5))
+                        for w, n in nd.items()}
+
+    lucene = LuceneIdf(corpus, k1=1.5, b=0.75)
     index = BM25Index(tokenized=corpus)
     for _ in range(20):
         terms = list(dict.fromkeys(rng.choices(vocab, k=rng.randint(1, 5))))
-        expected = okapi.get_scores(terms)
-        assert np.allclose(index.scores(" ".join(terms)), expected, rtol=1e-12, atol=1e-12)
+        query = " ".join(terms)
+        assert np.allclose(robertson.scores(query), okapi.get_scores(terms), rtol=1e-12,
+                           atol=1e-12)
+        assert np.allclose(index.scores(query), lucene.get_scores(terms), rtol=1e-12,
+                           atol=1e-12)

@@ -7,7 +7,9 @@ stage), the code a `$rerank` call runs, so the numbers measure what users get:
 - `final`: the Bundle's `match` entries, in the order a caller sees them.
 
 Metrics come from ir-measures (nDCG@10, R@10, R@100, RR = MRR). A judged topic with no
-result scores 0 on every metric; topics without judgments are not scored.
+result scores 0 on every metric; topics without judgments are not scored. Per resource type,
+R@100 of the judged resources of that type in mixed-type searches (topics without `_type`,
+or with several) shows whether one type buries another ("notes bury the diagnoses").
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MEASURES = (nDCG @ 10, R @ 10, R @ 100, RR)
 MEASURE_NAMES = ("nDCG@10", "R@10", "R@100", "MRR")
-STAGES = ("recall", "final")
+BY_TYPE_DEPTH = 100
 
 
 @dataclass
@@ -43,10 +45,12 @@ class EvalResult:
     overall: dict[str, float] = field(default_factory=dict)
     rankings: dict[str, list[str]] = field(default_factory=dict)
     unjudged: list[str] = field(default_factory=list)
+    #: resource type → {"R@100": mean over mixed-type topics judging that type, "topics": n}
+    by_type: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "overall": self.overall, "per_query": self.per_query,
-                "unjudged_topics": self.unjudged}
+                "recall_by_type": self.by_type, "unjudged_topics": self.unjudged}
 
 
 def rank_topic(topic: Topic, source: FhirSource, reranker: Reranker, settings: Settings,
@@ -109,7 +113,26 @@ def evaluate(topics: list[Topic], qrels: dict[str, dict[str, int]], source: Fhir
     for topic in tqdm(topics, desc=f"eval ({stage})", unit="topic", disable=not show):
         rankings[topic.qid] = rank_topic(topic, source, reranker, settings, stage, depth,
                                             runtime)
-    return score_rankings(rankings, qrels, stage)
+    result = score_rankings(rankings, qrels, stage)
+    mixed = [t.qid for t in topics if len(t.types) != 1]
+    result.by_type = recall_by_type(rankings, qrels, mixed)
+    return result
+
+
+def recall_by_type(rankings: dict[str, list[str]], qrels: dict[str, dict[str, int]],
+                   qids: Iterable[str], depth: int = BY_TYPE_DEPTH
+                   ) -> dict[str, dict[str, float]]:
+    """Per resource type: the mean over `qids` (that judge a resource of the type) of the
+    share of those judged resources found in the first `depth` of the ranking."""
+    shares: dict[str, list[float]] = {}
+    for qid in qids:
+        judged = [doc for doc, grade in qrels.get(qid, {}).items() if grade > 0]
+        top = set(rankings.get(qid, [])[:depth])
+        for rtype in sorted({doc.split("/", 1)[0] for doc in judged}):
+            of_type = [doc for doc in judged if doc.split("/", 1)[0] == rtype]
+            shares.setdefault(rtype, []).append(sum(d in top for d in of_type) / len(of_type))
+    return {rtype: {f"R@{depth}": sum(v) / len(v), "topics": len(v)}
+            for rtype, v in sorted(shares.items())}
 
 
 def write_trec_run(rankings: dict[str, list[str]], out: TextIO, tag: str) -> None:
@@ -135,4 +158,8 @@ def format_table(result: EvalResult, queries: Iterable[tuple[str, str]] = ()) ->
     mean = f"mean over {len(rows)} judged topics ({result.stage} stage)"
     lines.append(f"{mean:<{width + qwidth + 2}}  " + "  ".join(
         f"{result.overall.get(n, 0.0):7.3f}" for n in MEASURE_NAMES))
+    if result.by_type:
+        lines.append(f"R@{BY_TYPE_DEPTH} by type in mixed-type searches: " + ", ".join(
+            f"{rtype} {v[f'R@{BY_TYPE_DEPTH}']:.3f} ({v['topics']} topics)"
+            for rtype, v in result.by_type.items()))
     return "\n".join(lines)
