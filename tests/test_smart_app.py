@@ -380,11 +380,29 @@ def smart_stack(tmp_path_factory, tiny_model_dir):
         pytest.skip(why)
     fhir = FhirTestServer()
     fhir.start([])
+    ehr, other = EhrPages(), EhrPages()  # the EHR may frame the app; the other origin may not
+    try:
+        stack = _start_stack(fhir, ehr, other, tmp_path_factory.mktemp("smart-app"),
+                             tiny_model_dir)
+    except BaseException:
+        fhir.stop()
+        ehr.stop()
+        other.stop()
+        raise
+    try:
+        yield stack
+    finally:
+        stack["serve"].stop()
+        fhir.stop()
+        ehr.stop()
+        other.stop()
+
+
+def _start_stack(fhir: FhirTestServer, ehr: EhrPages, other: EhrPages, log_dir: Path,
+                 tiny_model_dir: Path) -> dict:
     pid = f"smartapp-{uuid.uuid4().hex[:10]}"
     for resource in _chart(pid):
         fhir.put(resource)
-    log_dir = tmp_path_factory.mktemp("smart-app")
-    ehr, other = EhrPages(), EhrPages()  # the EHR may frame the app; the other origin may not
     serve = Serve({
         "FHIR_RERANK_FHIR_BASE_URL": fhir.base_url,
         "FHIR_RERANK_SMART_STANDIN": "true",
@@ -394,14 +412,8 @@ def smart_stack(tmp_path_factory, tiny_model_dir):
         "FHIR_RERANK_MAX_CHUNKS_PER_DOC": "50",
         "FHIR_RERANK_SMART_FRAME_ANCESTORS": ehr.origin,
     }, log_dir / "serve.log")
-    try:
-        yield {"fhir": fhir, "serve": serve, "pid": pid, "dir": log_dir, "ehr": ehr,
-               "other": other}
-    finally:
-        serve.stop()
-        fhir.stop()
-        ehr.stop()
-        other.stop()
+    return {"fhir": fhir, "serve": serve, "pid": pid, "dir": log_dir, "ehr": ehr,
+            "other": other}
 
 
 @pytest.fixture()
