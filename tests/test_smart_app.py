@@ -554,6 +554,24 @@ def test_ehr_launch_inside_the_ehr_iframe_in_chromium(smart):
     assert ehr.origin in seen["steps"]["iframeRefused"]
 
 
+def test_no_launch_without_s256_in_chromium(smart):
+    """A SMART server that does not offer S256 gets no authorization request at all: the app
+    (fhirclient, pkceMode "required") stops on its launch page and says why."""
+    from adapter.app.standin import configuration
+
+    fhir, serve, pid = smart["fhir"], smart["serve"], smart["pid"]
+    weak = configuration(serve.root)
+    weak["code_challenge_methods_supported"] = ["plain"]
+    fhir.set_smart(weak)
+    made = requests.post(serve.root + "/smart/launches", json={"patient": pid}, timeout=10).json()
+    seen = _drive({"launchUrl": made["url"], "question": "-", "expectLaunchError": True,
+                   "timeoutMs": 60000})
+    error = seen["steps"]["launchError"]
+    assert error["url"].startswith(serve.root + "/app/launch?")
+    assert error["status"].startswith("The app could not start:") and "S256" in error["status"]
+    assert not [r for r in seen["requests"] if "/smart/authorize" in r["url"]]
+
+
 def test_launch_with_an_iss_off_the_list_is_refused_by_the_server(smart):
     serve = smart["serve"]
     answer = requests.get(serve.root + "/app/launch", params={

@@ -4,7 +4,8 @@
 //
 //   node tests/browser/chart_search.js '<json plan>'
 //
-// plan: { launchUrl, question, standalonePatient?, dateFrom?, fhirAdminUrl?, screenshot?, timeoutMs? }
+// plan: { launchUrl, question, standalonePatient?, dateFrom?, fhirAdminUrl?, screenshot?, timeoutMs?,
+//         expectLaunchError?, iframe? }
 // Steps: open the launch link (EHR launch → authorize → token → /app/), search with the
 // keyboard, read the results grouped and as one list, narrow by date, then (fhirAdminUrl)
 // make the FHIR server answer 401 and read the error. Waits on the page's own signals
@@ -116,6 +117,13 @@ async function main() {
 
     // 1. The EHR opens the launch link; the app must arrive on /app/ signed in.
     await page.goto(plan.launchUrl);
+    if (plan.expectLaunchError) {  // the app must stop on the launch page and say why
+      await page.locator('#status[role=alert]').waitFor({ state: 'attached' });
+      out.steps.launchError = { url: page.url(), status: (await page.locator('#status').textContent()).trim() };
+      out.progress = [];
+      process.stdout.write(JSON.stringify(out) + '\n');
+      return;
+    }
     if (plan.standalonePatient) {  // standalone launch: the authorization server asks who
       await page.locator('input#patient').waitFor({ state: 'visible' });
       out.steps.picker = { url: page.url() };
