@@ -453,6 +453,8 @@ def test_ehr_launch_search_filter_and_401_in_chromium(smart):
     assert "code=" not in launched["url"]  # fhirclient took the code out of the address
     assert "Ada Testperson" in launched["banner"] and "1950-02-03" in launched["banner"]
     assert launched["focused"] == "q"
+    style = json.loads((REPO_ROOT / "adapter/app/static/smart-style.json").read_text())
+    assert launched["styleBackground"] == style["color_background"]  # smart_style_url applied
     authorize = [r["url"] for r in seen["requests"] if "/smart/authorize?" in r["url"]]
     assert len(authorize) == 1, seen["requests"]
     query = parse_qs(urlsplit(authorize[0]).query)

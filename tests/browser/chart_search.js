@@ -146,7 +146,8 @@ async function main() {
         }
         return null;
       }),
-      csp: null,
+      // what smart_style_url set (only applyStyle writes these on the root element)
+      styleBackground: await page.evaluate(() => document.documentElement.style.getPropertyValue('--bg')),
     };
 
     // 2. Keyboard only: the question box has focus; type and press Enter.

@@ -406,7 +406,7 @@
       return;
     }
     if (tokenResponse.need_patient_banner) showBanner(client);
-    applyStyle(tokenResponse.smart_style_url);
+    await applyStyle(tokenResponse.smart_style_url);
     $("status").textContent = "Ask a question about this patient's chart.";
     show("search", true);
     $("q").focus();
