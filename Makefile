@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/fhir_server/node_modules/.installed
+BROWSER_STAMP := tests/browser/node_modules/.installed
 PORT ?= 8080
 DEMO_PATIENT := 79a66c97-6131-3213-f3c9-4606946ab056
 PYTEST_ARGS ?=
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 # offline); `make demo HF_HUB_OFFLINE=0` lets transformers download them.
 HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test setup node redis bench clean
+.PHONY: demo test setup node redis browser chromium bench clean
 
 setup: $(STAMP)
 
@@ -35,17 +36,32 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 
+# The browser tests (tests/test_smart_app.py): Debian's Chromium, driven by playwright-core
+# from tests/browser/package-lock.json (never a browser download of its own).
+browser: chromium $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BROWSER_STAMP)
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
 demo: setup
+	@echo "Chart search (SMART app) on the demo patient, through the local SMART stand-in — open:"
+	@echo "  http://127.0.0.1:$(PORT)/smart/ehr-launch?patient=$(DEMO_PATIENT)"
 	@echo "Serving the adapter over fhir_fixtures/ on http://127.0.0.1:$(PORT)/fhir — try:"
 	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Condition?patient=$(DEMO_PATIENT)&_content=heart%20problems&_count=3'"
 	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=emergency%20visit%20for%20breathing&_count=3'"
-	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) $(VENV)/bin/fhir-rerank serve --port $(PORT)
+	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) FHIR_RERANK_SMART_STANDIN=true $(VENV)/bin/fhir-rerank serve --port $(PORT)
 
-test: setup node redis
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup node redis browser
+	SMART_APP_BROWSER=required $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup node
 	$(PY) bench/e2e.py
 
 clean:
-	rm -rf $(VENV) tests/fhir_server/node_modules tests/.tiny-model
+	rm -rf $(VENV) tests/fhir_server/node_modules tests/browser/node_modules tests/.tiny-model

@@ -26,6 +26,7 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     from adapter.api.hosts import check_host, trusted_hosts
     from adapter.api.observe import register_request_hooks
     from adapter.api.rerank_api import bp as rerank_api_bp
+    from adapter.app import register as register_smart_app
     from adapter.api.routes import bp
     from adapter.api.state import AppState
     from adapter.config import Settings, load_settings
@@ -52,5 +53,6 @@ def create_app(config: "Settings | Mapping[str, Any] | None" = None, *,
     app.register_blueprint(async_bp)
     app.register_blueprint(ops_bp)
     app.register_blueprint(rerank_api_bp)
+    register_smart_app(app)
     return app
 

@@ -109,6 +109,14 @@ class Settings:
     remote_retries: int = 4
     remote_backoff: float = 0.5
     remote_max_documents: int = 100
+    # --- chart search, a SMART on FHIR app at /app/ (issue 19) ---
+    smart_issuers: list[str] = field(default_factory=list)
+    smart_client_id: str = "fhir-rerank-chart-search"
+    smart_scopes: str = ("launch openid fhirUser patient/DocumentReference.rs "
+                         "patient/Observation.rs patient/Condition.rs")
+    smart_frame_ancestors: str = "'none'"
+    smart_standin: bool = False
+    smart_token_lifetime: int = 3600
 
     def data_dir(self) -> Path:
         return Path(self.fhir_data) if self.fhir_data else DEFAULT_FIXTURES

@@ -228,7 +228,7 @@ def rank_prepared(payload: dict[str, Any], reranker: Reranker,
                        count=req["count"], offset=req["offset"], outcomes=outcomes)
     usage = usage_of(result, settings, scoring_model(result, req.get("model") or settings.model))
     bundle["meta"]["extension"] = bundle_usage_extension(usage)
-    add_passage_extensions(bundle, spans)
+    add_passage_extensions(bundle, spans, {d.id: d.text for d in docs if d.id in spans})
     return bundle
 
 

@@ -193,10 +193,18 @@ class FhirTestServer:
         """Serve Binary/<binary_id> only to Authorization == `token` (403 to anyone else)."""
         self._admin("binary-auth", {"id": binary_id, "token": token})
 
-    def set_auth(self, token: str | None = None, forbid: str | None = None) -> None:
-        """Require exactly `token` as Authorization (401 otherwise); answer 403 to `forbid`.
-        Both None turns auth off. GET /fhir/metadata stays open, as on SMART servers."""
-        self._admin("auth", {"token": token, "forbid": forbid})
+    def set_auth(self, token: str | None = None, forbid: str | None = None,
+                 introspect: str | None = None) -> None:
+        """Require exactly `token` as Authorization (401 otherwise); answer 403 to `forbid`;
+        with `introspect` (an RFC 7662 URL, e.g. the SMART stand-in's) accept only bearer
+        tokens it calls active. All None turns auth off. GET /fhir/metadata stays open, as on
+        SMART servers."""
+        self._admin("auth", {"token": token, "forbid": forbid, "introspect": introspect})
+
+    def set_smart(self, configuration: dict | None) -> None:
+        """Serve `configuration` at /fhir/.well-known/smart-configuration and answer browsers
+        with CORS (a SMART server); None turns both off."""
+        self._admin("smart", {"configuration": configuration})
 
     def expire_paging(self) -> None:
         """Drop HAPI mode's paging cache: old `_getpages` links now answer 410 Gone."""

@@ -59,9 +59,10 @@ def type_search(resource_type: str) -> Response:
 
 @bp.get("/<resource_type>/<resource_id>")
 def read_resource(resource_type: str, resource_id: str) -> Response:
-    """Read one resource from an embedded (file) source, so Bundle fullUrls resolve."""
+    """Read one resource from an embedded (file) source, so Bundle fullUrls resolve (and the
+    Patient, for the chart-search app's banner)."""
     read = getattr(state().source, "read", None)
-    if resource_type not in RESOURCE_TYPES or read is None:
+    if resource_type not in (*RESOURCE_TYPES, "Patient") or read is None:
         raise NotFound(f"{resource_type}/{resource_id} is not served here; read resources at "
                        "the FHIR server named in each entry's fullUrl")
     resource = read(resource_type, resource_id)

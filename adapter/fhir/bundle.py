@@ -81,16 +81,24 @@ def searchset(ranked: list[Scored], *, base: str, endpoint: str,
 
 
 PASSAGE_URL = "https://fhir-rerank.example.org/StructureDefinition/best-passage"
+PASSAGE_TEXT_URL = "https://fhir-rerank.example.org/StructureDefinition/best-passage-text"
 
 
-def add_passage_extensions(bundle: dict[str, Any], spans: dict[str, tuple[int, int] | None]
-                           ) -> None:
+def add_passage_extensions(bundle: dict[str, Any], spans: dict[str, tuple[int, int] | None],
+                           texts: dict[str, str] | None = None) -> None:
     """On each match entry scored as chunks, `search.extension` with the best chunk's
-    [start, end) characters in the document's flattened text (e.g. a note's best passage)."""
+    [start, end) characters in the document's flattened text (e.g. a note's best passage),
+    then, when `texts` holds the flattened text, a `best-passage-text` extension with that
+    passage itself: a client such as the chart-search app shows it without re-flattening."""
     for entry in bundle["entry"]:
         resource = entry.get("resource", {})
-        span = spans.get(f"{resource.get('resourceType')}/{resource.get('id')}")
+        key = f"{resource.get('resourceType')}/{resource.get('id')}"
+        span = spans.get(key)
         if span is not None and entry["search"].get("mode") == "match":
             entry["search"]["extension"] = [{"url": PASSAGE_URL, "extension": [
                 {"url": "start", "valueInteger": span[0]},
                 {"url": "end", "valueInteger": span[1]}]}]
+            passage = (texts or {}).get(key, "")[span[0]:span[1]].strip()
+            if passage:
+                entry["search"]["extension"].append({"url": PASSAGE_TEXT_URL,
+                                                     "valueString": passage})

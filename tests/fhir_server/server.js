@@ -62,7 +62,8 @@ class Controls {
 
   reset() {
     this.faults = [];
-    this.auth = { token: null, forbid: null };
+    this.auth = { token: null, forbid: null, introspect: null };
+    this.smart = null;  // a SMART discovery document served at /fhir/.well-known/smart-configuration
     this.binaryTokens = {};  // Binary id → the only Authorization that may read it
     this.log = [];
   }
@@ -98,6 +99,21 @@ function send(res, status, body, headers = {}) {
   const payload = isBuffer || typeof body === 'string' ? body : JSON.stringify(body);
   res.writeHead(status, { 'Content-Type': FHIR_JSON, ...headers, 'Content-Length': Buffer.byteLength(payload) });
   res.end(payload);
+}
+
+/** RFC 7662 introspection: is `authorization` ("Bearer <token>") an active token there? */
+async function tokenActive(introspectUrl, authorization) {
+  if (!authorization || !authorization.startsWith('Bearer ')) return false;
+  try {
+    const answer = await fetch(introspectUrl, {
+      method: 'POST', headers: { 'Content-Type': 'application/x-www-form-urlencoded' },
+      body: new URLSearchParams({ token: authorization.slice('Bearer '.length) }).toString(),
+    });
+    const body = await answer.json();
+    return answer.ok && body.active === true && (body.exp === undefined || body.exp * 1000 > Date.now());
+  } catch {
+    return false;
+  }
 }
 
 function readBody(req) {
@@ -223,6 +239,18 @@ function createServer(store, controls, mode, verbose, behaviour = { faults: new 
     };
     controls.log.push(logEntry);
 
+    if (controls.smart) {  // a SMART server: discovery and CORS for browser apps
+      res.setHeader('Access-Control-Allow-Origin', '*');
+      if (method === 'OPTIONS') {
+        res.writeHead(204, { 'Access-Control-Allow-Methods': 'GET', 'Access-Control-Max-Age': '600',
+          'Access-Control-Allow-Headers': 'Authorization, Accept, Content-Type' });
+        return res.end();
+      }
+      if (method === 'GET' && rest === '/.well-known/smart-configuration') {
+        return send(res, 200, controls.smart, { 'Content-Type': 'application/json' });
+      }
+    }
+
     const fault = controls.takeFault(url.pathname + url.search);
     if (fault) {
       if (fault.delay) await new Promise((r) => setTimeout(r, fault.delay * 1000));
@@ -247,6 +275,9 @@ function createServer(store, controls, mode, verbose, behaviour = { faults: new 
     }
     if (!isMetadata && controls.auth.token && auth !== controls.auth.token) {
       throw new HttpError(401, 'login', 'Missing or invalid Authorization header');
+    }
+    if (!isMetadata && controls.auth.introspect && !(await tokenActive(controls.auth.introspect, auth))) {
+      throw new HttpError(401, 'login', 'The access token is not active (introspection)');
     }
 
     const binaryToken = segments[0] === 'Binary' && segments.length === 2
@@ -292,7 +323,9 @@ function createServer(store, controls, mode, verbose, behaviour = { faults: new 
         body: body.body ?? null, stall: body.stall ?? 0,
       });
     } else if (action === 'auth') {
-      controls.auth = { token: body.token ?? null, forbid: body.forbid ?? null };
+      controls.auth = { token: body.token ?? null, forbid: body.forbid ?? null, introspect: body.introspect ?? null };
+    } else if (action === 'smart') {
+      controls.smart = body.configuration ?? null;
     } else if (action === 'binary-auth') {
       controls.binaryTokens[body.id] = body.token;
     } else if (action === 'expire-paging') {
