@@ -343,7 +343,10 @@ class Serve:
         self.root = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_RERANK_")}
-        full.update(env, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        # DEBUG on purpose (allowed by log_phi_at_debug): the token must not reach even the
+        # debug lines, which are the ones that may hold patient data
+        full.update(env, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                    FHIR_RERANK_LOG_PHI_AT_DEBUG="true")
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapter.cli", "--log-level", "DEBUG", "serve", "--host",
