@@ -22,8 +22,22 @@ def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
     settings' `log_format` from here on."""
     from adapter.logs import configure_logging
 
+    from adapter.config import check_model_paths
+
     settings = load_settings(_overrides(args, names + ("log_format",)))
     configure_logging(args.log_level, settings.log_format)
+    check_model_paths(settings)
+    return settings
+
+
+def _model_or_exit(settings: Any) -> Any:
+    """Settings for a one-off command (search, rerank, eval): keyword scores printed as if
+    a model had ranked are a wrong answer, so a model that cannot load is an error (exit 2,
+    the reason and the fix) unless allow_keyword_fallback accepts keyword order."""
+    import dataclasses
+
+    if settings.reranker == "qwen3" and not settings.allow_keyword_fallback:
+        return dataclasses.replace(settings, reranker_required=True)
     return settings
 
 
@@ -65,9 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(settings, args.log_level)
     from werkzeug.serving import make_server
 
-    from adapter.server import build_app
+    from adapter.server import build_app, port_in_use
     from adapter.startup import report_dependencies
 
+    if settings.port and port_in_use(settings.host, settings.port):
+        raise ValueError(f"port {settings.port} on {settings.host} is in use; pick a free one "
+                         "with --port N, FHIR_RERANK_PORT=N or `make demo PORT=N`")
     report_dependencies(settings)
     try:
         app = build_app(settings)
@@ -87,9 +104,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from adapter.jobs.worker import run_worker
 
+    from adapter.jobs.routing import unrouted_tiers
+
     devices = _worker_devices(args)
     settings = _settings_from(args, COMMON)
     tiers = [t.strip() for t in (args.tiers or settings.model).split(",") if t.strip()]
+    unrouted = unrouted_tiers(settings, tiers)
+    if unrouted:  # a worker there would wait forever on a queue nothing sends to
+        from adapter.jobs.routing import known_models, queue_for_model
+
+        routes = ", ".join(f"{m} → {queue_for_model(settings, m)}" for m in known_models(settings))
+        raise ValueError(f"--tiers {','.join(unrouted)}: no allowed model is sent there (allowed "
+                         f"models go to: {routes}); add the model to models_allowed (and "
+                         "model_queues for a local directory), or start the worker with "
+                         "--model for it")
     if devices:
         from adapter.jobs.app import make_celery
         from adapter.jobs.devices import run_device_workers
@@ -136,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from adapter.pipeline import LinkContext, prepare_search, rank_prepared
     from adapter.runtime import Runtime
 
-    settings = _settings_from(args, COMMON)
+    settings = _model_or_exit(_settings_from(args, COMMON))
     runtime = Runtime(settings)
     pairs = [("query", args.query)] + [("_type", t) for t in args.type or []]
     if args.patient:
@@ -167,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from adapter.fhir import make_source
     from adapter.runtime import Runtime
 
-    settings = _settings_from(args, COMMON)
+    settings = _model_or_exit(_settings_from(args, COMMON))
     topics = load_topics(args.topics)
     qrels = load_qrels(args.qrels)
     runtime = Runtime(settings)
@@ -190,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_rerank(args: argparse.Namespace) -> int:
     from adapter.cli_people import cmd_rerank as run
 
-    return run(args, _settings_from(args, COMMON))
+    return run(args, _model_or_exit(_settings_from(args, COMMON)))
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -231,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log lines as text or one JSON object a line (setting log_format; "
                              "default text)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_log_flags_to = _log_flags_for(sub)
 
     serve = _parser(sub, "serve", "serve the FHIR API and the rerank API (/v1/rerank)",
                     "fhir-rerank serve --model /tmp/tiny --port 8080")
@@ -308,7 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     from adapter.interop.command import add_interop_command
 
     add_interop_command(sub)
+    _add_log_flags_to()
     return parser
+
+
+def _log_flags_for(sub: Any) -> Any:
+    """Accept --log-level / --log-format after the subcommand too (`fhir-rerank serve
+    --log-format json`): each subcommand gets both, defaulting to "not given" so the value
+    before the subcommand stands unless repeated after it."""
+    def add() -> None:
+        for command in sub.choices.values():
+            command.add_argument("--log-level", default=argparse.SUPPRESS,
+                                 help="DEBUG, INFO (default), WARNING or ERROR")
+            command.add_argument("--log-format", dest="log_format", choices=["text", "json"],
+                                 default=argparse.SUPPRESS,
+                                 help="log lines as text or JSON (setting log_format)")
+    return add
 
 
 def main(argv: list[str] | None = None) -> int:
