@@ -35,11 +35,16 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 
+# The demo accepts BM25 keyword order when no weights are at hand (/readyz then answers 200
+# "degraded", not "ready"); a deployment leaves allow_keyword_fallback off (503 until loaded).
 demo: setup
 	@echo "Serving the adapter over fhir_fixtures/ on http://127.0.0.1:$(PORT)/fhir — try:"
 	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Condition?patient=$(DEMO_PATIENT)&_content=heart%20problems&_count=3'"
-	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=emergency%20visit%20for%20breathing&_count=3'"
-	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) $(VENV)/bin/fhir-rerank serve --port $(PORT)
+	@echo "    # -> Condition 'Ischemic heart disease' among the first entries"
+	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=dialysis%20for%20kidney%20failure&_count=3'"
+	@echo "    # -> kidney Conditions ('End-stage renal disease') and this patient's notes on dialysis"
+	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) FHIR_RERANK_ALLOW_KEYWORD_FALLBACK=true \
+	  $(VENV)/bin/fhir-rerank serve --port $(PORT)
 
 test: setup node redis
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -233,11 +233,13 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-EPILOG = """examples:
+EPILOG = """examples (the patients are in the bundled fhir_fixtures/):
   fhir-rerank make-tiny-model /tmp/tiny
   fhir-rerank serve --model /tmp/tiny          # FHIR API + /v1/rerank on :8080
-  fhir-rerank search "latest HbA1c" --patient 79a66c97-6131-3213-f3c9-4606946ab056
-  fhir-rerank rerank --query "asthma" --docs notes.jsonl --model /tmp/tiny
+  fhir-rerank search "latest HbA1c" --patient ec6a274e-5090-45c9-b153-e40418f6fa3d --type Observation
+      # -> the patient's "Hemoglobin A1c" Observations first
+  fhir-rerank rerank --query "asthma" --docs docs/examples/notes.jsonl --model /tmp/tiny
+      # -> the five notes in a ranked table (tiny random weights: the order means nothing)
 """
 
 
@@ -288,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     search = _parser(sub, "search", "search a patient's record by meaning; prints a table",
-                     'fhir-rerank search "breathless at night" --patient 79a66c97-6131-3213-'
-                     'f3c9-4606946ab056 --type Condition --count 5')
+                     'fhir-rerank search "kidney failure" --patient 79a66c97-6131-3213-'
+                     'f3c9-4606946ab056 --type Condition --count 5\n'
+                     '  # -> the patient\'s kidney Conditions ("Chronic kidney disease", '
+                     '"End-stage renal disease")')
     _add_common(search)
     search.add_argument("query", help="the question, in plain words")
     search.add_argument("--patient", help="the patient's id on the FHIR server")
@@ -314,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     rerank = _parser(sub, "rerank", "rank the documents of a JSONL file by a query",
-                     'fhir-rerank rerank --query "asthma" --docs notes.jsonl --model /tmp/tiny')
+                     'fhir-rerank rerank --query "asthma" --docs docs/examples/notes.jsonl '
+                     '--model /tmp/tiny')
     _add_common(rerank)
     rerank.add_argument("--query", required=True, help="the text to rank the documents by")
     rerank.add_argument("--docs", required=True,
