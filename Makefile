@@ -21,7 +21,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps dashscope==2.0.2
 	touch $(STAMP)
 
 node: $(NODE_STAMP)

@@ -118,6 +118,13 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def default_config() -> Path:
+    """config/default.toml of a checkout, or the copy an installed wheel carries in the package
+    (`adapter/default.toml`, a link to it in the checkout): `pip install .` alone works."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else Path(__file__).resolve().parent / \
+        "default.toml"
+
+
 def settings_env(overrides: Mapping[str, Any]) -> dict[str, str]:
     """FHIR_RERANK_* variables that give another process the settings `overrides` give
     `load_settings` here (lists comma-joined, booleans true/false; None values are not
@@ -174,7 +181,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     """Build Settings from the defaults file, FHIR_RERANK_CONFIG, the environment and overrides."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
-    files = [DEFAULT_CONFIG]
+    files = [default_config()]
     if env.get(ENV_PREFIX + "CONFIG"):
         files.append(Path(env[ENV_PREFIX + "CONFIG"]))
         if not files[-1].is_file():
@@ -188,7 +195,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"{path} is not valid TOML: {exc}") from None
         values.update(loaded)
-        chosen |= set(loaded) if path != DEFAULT_CONFIG else set()
+        chosen |= set(loaded) if path != files[0] else set()
     known_env = {ENV_PREFIX + name.upper() for name in _FIELDS} | {ENV_PREFIX + "CONFIG"}
     stray = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known_env)
     if stray:

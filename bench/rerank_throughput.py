@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a checkpoint directory whose Qwen tokenizer to use (e.g. "
                              "tests/.tiny-model/v2-tied-seed0) instead of building it from "
-                             "dashscope's qwen.tiktoken")
+                             "the packaged qwen.tiktoken ranks")
     parser.add_argument("--json", type=Path, default=None,
                         help="written after every timed row, so a run cut short keeps its rows")
     args = parser.parse_args(argv)
