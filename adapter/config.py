@@ -148,7 +148,8 @@ def _coerce(name: str, value: Any, where: str = "") -> Any:
         try:
             return _coerce(name, value)
         except ValueError as exc:
-            raise ValueError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+            raise ValueError(f"{where} (setting {name}): {str(exc).split(': ', 1)[1]}") \
+                from None
     default = getattr(Settings(), name)
     if isinstance(default, bool):
         if isinstance(value, bool):

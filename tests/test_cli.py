@@ -123,7 +123,7 @@ def test_serve_model_from_the_command_line_is_ready(served, tiny_model_dir):
      "no-such-model does not exist"),
     (["serve"], {"FHIR_RERANK_DEVICE": "gpu"}, "device: 'gpu' is not a device"),
     (["serve", "--port", "8081"], {"FHIR_RERANK_PORT": "eighty"},
-     "FHIR_RERANK_PORT='eighty': 'eighty' is not an integer"),
+     "FHIR_RERANK_PORT='eighty' (setting port): 'eighty' is not an integer"),
     (["serve"], {"FHIR_RERANK_MODLE": "4B"}, "did you mean FHIR_RERANK_MODEL?"),
     (["worker", "--tiers", "8B", "--redis-url", "redis://127.0.0.1:1/0"], {},
      "--tiers 8B: no allowed model is sent there"),
@@ -179,7 +179,8 @@ def test_log_flags_work_after_the_subcommand_too():
 
 
 def test_serve_refuses_to_start_when_reranker_required(tmp_path):
-    missing = str(tmp_path / "no-weights")
+    missing = str(tmp_path / "no-weights")  # a directory without a checkpoint: the load fails
+    (tmp_path / "no-weights").mkdir()
     proc = subprocess.run(_cli("serve", "--port", str(_free_port())), cwd=ROOT,
                           env=_env(FHIR_RERANK_MODEL=missing, HF_HUB_OFFLINE="1",
                                    FHIR_RERANK_RERANKER_REQUIRED="true"),

@@ -249,7 +249,7 @@ def test_a_misspelt_variable_names_its_nearest_setting():
 
 
 def test_a_bad_variable_is_an_error_even_when_a_flag_overrides_it():
-    with pytest.raises(ValueError, match="FHIR_RERANK_PORT='eighty': 'eighty' is not an integer"):
+    with pytest.raises(ValueError, match=r"FHIR_RERANK_PORT='eighty' \(setting port\): 'eighty' is not"):
         load_settings({"port": 8081}, env={"FHIR_RERANK_PORT": "eighty"})
     with pytest.raises(ValueError, match="device: 'gpu' is not a device; use auto, cpu, cuda"):
         load_settings(env={"FHIR_RERANK_DEVICE": "gpu"})
