@@ -250,7 +250,8 @@ def test_make_tiny_model_draws_its_progress_on_a_terminal_only(tmp_path):
 
 
 def test_serve_without_embedding_weights_says_so_once_and_serves_keyword_recall(served, tmp_path):
-    missing = str(tmp_path / "no-embedding")
+    missing = str(tmp_path / "no-embedding")  # a directory without a checkpoint
+    (tmp_path / "no-embedding").mkdir()
     base, log = served("--reranker", "none", env=_env(FHIR_RERANK_EMBEDDER=missing,
                                                       HF_HUB_OFFLINE="1"))
     for _ in range(2):
