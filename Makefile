@@ -22,7 +22,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps dashscope==2.0.2
 	touch $(STAMP)
 
 node: $(NODE_STAMP)
@@ -49,13 +48,18 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
 
+# The demo accepts BM25 keyword order when no weights are at hand (/readyz then answers 200
+# "degraded", not "ready"); a deployment leaves allow_keyword_fallback off (503 until loaded).
 demo: setup
 	@echo "Chart search (SMART app) on the demo patient, through the local SMART stand-in — open:"
 	@echo "  http://127.0.0.1:$(PORT)/smart/ehr-launch?patient=$(DEMO_PATIENT)"
 	@echo "Serving the adapter over fhir_fixtures/ on http://127.0.0.1:$(PORT)/fhir — try:"
 	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Condition?patient=$(DEMO_PATIENT)&_content=heart%20problems&_count=3'"
-	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=emergency%20visit%20for%20breathing&_count=3'"
-	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) FHIR_RERANK_SMART_STANDIN=true $(VENV)/bin/fhir-rerank serve --port $(PORT)
+	@echo "    # -> Condition 'Ischemic heart disease' among the first entries"
+	@echo "  curl -s 'http://127.0.0.1:$(PORT)/fhir/Patient/$(DEMO_PATIENT)/\$$rerank?query=dialysis%20for%20kidney%20failure&_count=3'"
+	@echo "    # -> kidney Conditions ('End-stage renal disease') and this patient's notes on dialysis"
+	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) FHIR_RERANK_ALLOW_KEYWORD_FALLBACK=true FHIR_RERANK_SMART_STANDIN=true \
+	  $(VENV)/bin/fhir-rerank serve --port $(PORT)
 
 test: setup node redis browser
 	SMART_APP_BROWSER=required $(PY) -m pytest $(PYTEST_ARGS)

@@ -22,9 +22,23 @@ def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
     settings' `log_format` from here on. DEBUG is refused without `log_phi_at_debug`."""
     from adapter.logs import check_log_level, configure_logging
 
+    from adapter.config import check_model_paths
+
     settings = load_settings(_overrides(args, names + ("log_format",)))
     check_log_level(args.log_level, settings.log_phi_at_debug)
     configure_logging(args.log_level, settings.log_format)
+    check_model_paths(settings)
+    return settings
+
+
+def _model_or_exit(settings: Any) -> Any:
+    """Settings for a one-off command (search, rerank, eval): keyword scores printed as if
+    a model had ranked are a wrong answer, so a model that cannot load is an error (exit 2,
+    the reason and the fix) unless allow_keyword_fallback accepts keyword order."""
+    import dataclasses
+
+    if settings.reranker == "qwen3" and not settings.allow_keyword_fallback:
+        return dataclasses.replace(settings, reranker_required=True)
     return settings
 
 
@@ -66,9 +80,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(settings, args.log_level)
     from werkzeug.serving import make_server
 
-    from adapter.server import build_app
+    from adapter.server import build_app, port_in_use
     from adapter.startup import report_dependencies
 
+    if settings.port and port_in_use(settings.host, settings.port):
+        raise ValueError(f"port {settings.port} on {settings.host} is in use; pick a free one "
+                         "with --port N, FHIR_RERANK_PORT=N or `make demo PORT=N`")
     report_dependencies(settings)
     try:
         app = build_app(settings)
@@ -88,9 +105,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from adapter.jobs.worker import run_worker
 
+    from adapter.jobs.routing import unrouted_tiers
+
     devices = _worker_devices(args)
     settings = _settings_from(args, COMMON)
     tiers = [t.strip() for t in (args.tiers or settings.model).split(",") if t.strip()]
+    unrouted = unrouted_tiers(settings, tiers)
+    if unrouted:  # a worker there would wait forever on a queue nothing sends to
+        from adapter.jobs.routing import known_models, queue_for_model
+
+        routes = ", ".join(f"{m} → {queue_for_model(settings, m)}" for m in known_models(settings))
+        raise ValueError(f"--tiers {','.join(unrouted)}: no allowed model is sent there (allowed "
+                         f"models go to: {routes}); add the model to models_allowed (and "
+                         "model_queues for a local directory), or start the worker with "
+                         "--model for it")
     if devices:
         from adapter.jobs.app import make_celery
         from adapter.jobs.devices import run_device_workers
@@ -137,7 +165,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from adapter.pipeline import LinkContext, prepare_search, rank_prepared
     from adapter.runtime import Runtime
 
-    settings = _settings_from(args, COMMON)
+    settings = _model_or_exit(_settings_from(args, COMMON))
     runtime = Runtime(settings)
     pairs = [("query", args.query)] + [("_type", t) for t in args.type or []]
     if args.patient:
@@ -168,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from adapter.fhir import make_source
     from adapter.runtime import Runtime
 
-    settings = _settings_from(args, COMMON)
+    settings = _model_or_exit(_settings_from(args, COMMON))
     topics = load_topics(args.topics)
     qrels = load_qrels(args.qrels)
     runtime = Runtime(settings)
@@ -191,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_rerank(args: argparse.Namespace) -> int:
     from adapter.cli_output import cmd_rerank as run
 
-    return run(args, _settings_from(args, COMMON))
+    return run(args, _model_or_exit(_settings_from(args, COMMON)))
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -206,11 +234,13 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-EPILOG = """examples:
+EPILOG = """examples (the patients are in the bundled fhir_fixtures/):
   fhir-rerank make-tiny-model /tmp/tiny
   fhir-rerank serve --model /tmp/tiny          # FHIR API + /v1/rerank on :8080
-  fhir-rerank search "latest HbA1c" --patient 79a66c97-6131-3213-f3c9-4606946ab056
-  fhir-rerank rerank --query "asthma" --docs notes.jsonl --model /tmp/tiny
+  fhir-rerank search "latest HbA1c" --patient ec6a274e-5090-45c9-b153-e40418f6fa3d --type Observation
+      # -> the patient's "Hemoglobin A1c" Observations first
+  fhir-rerank rerank --query "asthma" --docs docs/examples/notes.jsonl --model /tmp/tiny
+      # -> the five notes in a ranked table (tiny random weights: the order means nothing)
 """
 
 
@@ -232,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log lines as text or one JSON object a line (setting log_format; "
                              "default text)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_log_flags_to = _log_flags_for(sub)
 
     serve = _parser(sub, "serve", "serve the FHIR API and the rerank API (/v1/rerank)",
                     "fhir-rerank serve --model /tmp/tiny --port 8080")
@@ -260,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     search = _parser(sub, "search", "search a patient's record by meaning; prints a table",
-                     'fhir-rerank search "breathless at night" --patient 79a66c97-6131-3213-'
-                     'f3c9-4606946ab056 --type Condition --count 5')
+                     'fhir-rerank search "kidney failure" --patient 79a66c97-6131-3213-'
+                     'f3c9-4606946ab056 --type Condition --count 5\n'
+                     '  # -> the patient\'s kidney Conditions ("Chronic kidney disease", '
+                     '"End-stage renal disease")')
     _add_common(search)
     search.add_argument("query", help="the question, in plain words")
     search.add_argument("--patient", help="the patient's id on the FHIR server")
@@ -286,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     rerank = _parser(sub, "rerank", "rank the documents of a JSONL file by a query",
-                     'fhir-rerank rerank --query "asthma" --docs notes.jsonl --model /tmp/tiny')
+                     'fhir-rerank rerank --query "asthma" --docs docs/examples/notes.jsonl '
+                     '--model /tmp/tiny')
     _add_common(rerank)
     rerank.add_argument("--query", required=True, help="the text to rank the documents by")
     rerank.add_argument("--docs", required=True,
@@ -309,7 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     from adapter.interop.command import add_interop_command
 
     add_interop_command(sub)
+    _add_log_flags_to()
     return parser
+
+
+def _log_flags_for(sub: Any) -> Any:
+    """Accept --log-level / --log-format after the subcommand too (`fhir-rerank serve
+    --log-format json`): each subcommand gets both, defaulting to "not given" so the value
+    before the subcommand stands unless repeated after it."""
+    def add() -> None:
+        for command in sub.choices.values():
+            command.add_argument("--log-level", default=argparse.SUPPRESS,
+                                 help="DEBUG, INFO (default), WARNING or ERROR")
+            command.add_argument("--log-format", dest="log_format", choices=["text", "json"],
+                                 default=argparse.SUPPRESS,
+                                 help="log lines as text or JSON (setting log_format)")
+    return add
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,9 @@ variables (FHIR_RERANK_*) and explicit values, in that order. Nothing is read at
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ class Settings:
     instruction: str = ("Given a clinician's question about a patient, retrieve the parts of "
                         "the patient's record that answer it")
     reranker_required: bool = False
+    allow_keyword_fallback: bool = False
     redis_url: str = ""
     sync_wait: float = 30.0
     result_expires: int = 3600
@@ -125,6 +128,13 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def default_config() -> Path:
+    """config/default.toml of a checkout, or the copy an installed wheel carries in the package
+    (`adapter/default.toml`, a link to it in the checkout): `pip install .` alone works."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else Path(__file__).resolve().parent / \
+        "default.toml"
+
+
 def settings_env(overrides: Mapping[str, Any]) -> dict[str, str]:
     """FHIR_RERANK_* variables that give another process the settings `overrides` give
     `load_settings` here (lists comma-joined, booleans true/false; None values are not
@@ -141,8 +151,15 @@ def settings_env(overrides: Mapping[str, Any]) -> dict[str, str]:
     return env
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Turn an environment/TOML value into the type of the named setting."""
+def _coerce(name: str, value: Any, where: str = "") -> Any:
+    """Turn an environment/TOML value into the type of the named setting (`where` names the
+    variable in the error, e.g. FHIR_RERANK_PORT='eighty')."""
+    if where:
+        try:
+            return _coerce(name, value)
+        except ValueError as exc:
+            raise ValueError(f"{where} (setting {name}): {str(exc).split(': ', 1)[1]}") \
+                from None
     default = getattr(Settings(), name)
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -175,34 +192,85 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
     """Build Settings from the defaults file, FHIR_RERANK_CONFIG, the environment and overrides."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
-    files = [DEFAULT_CONFIG]
+    files = [default_config()]
     if env.get(ENV_PREFIX + "CONFIG"):
         files.append(Path(env[ENV_PREFIX + "CONFIG"]))
         if not files[-1].is_file():
             raise ValueError(f"{ENV_PREFIX}CONFIG names {files[-1]}, which is not a file; fix the "
                              f"path or unset {ENV_PREFIX}CONFIG")
+    chosen: set[str] = set()  # names set somewhere other than the defaults file
     for path in files:
         with path.open("rb") as fh:
             try:
-                values.update(tomllib.load(fh))
+                loaded = tomllib.load(fh)
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        values.update(loaded)
+        chosen |= set(loaded) if path != files[0] else set()
     known_env = {ENV_PREFIX + name.upper() for name in _FIELDS} | {ENV_PREFIX + "CONFIG"}
     stray = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known_env)
     if stray:
-        raise ValueError(f"unknown environment variable(s) {', '.join(stray)}: no such setting; "
-                         "see config/default.toml for the names (FHIR_RERANK_<NAME>)")
+        raise ValueError(f"unknown environment variable(s) {', '.join(_with_nearest(stray, known_env))}: "
+                         "no such setting; see config/default.toml for the names "
+                         "(FHIR_RERANK_<NAME>)")
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = env[key]
+        if key in env:  # checked even when an override replaces it: bad config is bad
+            values[name] = _coerce(name, env[key], f"{key}={env[key]!r}")
+            chosen.add(name)
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+            chosen.add(name)
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see config/default.toml")
+        raise ValueError(f"unknown setting(s) {', '.join(_with_nearest(unknown, _FIELDS))}; "
+                         "see config/default.toml")
+    # `model` chosen (flag, environment, config file) and `models_allowed` left at its default:
+    # the model chosen is the one allowed (`serve --model ./tiny` serves ./tiny and is ready
+    # without a 0.6B it never loads).
+    if "model" in chosen and "models_allowed" not in chosen and values.get("model"):
+        values["models_allowed"] = [str(values["model"])]
     settings = Settings(**{name: _coerce(name, value) for name, value in values.items()})
     if settings.log_format not in ("text", "json"):
         raise ValueError(f"setting log_format: {settings.log_format!r} is not text or json")
+    if not DEVICE_PATTERN.fullmatch(settings.device.strip()):
+        raise ValueError(f"setting device: {settings.device!r} is not a device; use auto, cpu, "
+                         "cuda, cuda:N (a GPU index) or mps")
     return settings
+
+
+def looks_like_path(model: str) -> bool:
+    """A `model` value written as a local path (./x, ../x, /x, ~/x, C:\\x, a/b/c) rather than a
+    tier alias or a Hugging Face id (`owner/name`)."""
+    text = model.strip()
+    return (text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text in (".", "..")
+            or "\\" in text or text.count("/") > 1 or bool(re.match(r"[A-Za-z]:[\\/]", text)))
+
+
+def check_model_paths(settings: Settings) -> None:
+    """A model (or embedder) given as a local path that does not exist is an error now, naming
+    the path, not a keyword-order fallback found later (the CLI and `serve` call this)."""
+    if settings.reranker != "qwen3":
+        names = [("embedder", settings.embedder)]
+    else:
+        names = [("model", m) for m in dict.fromkeys([settings.model, *settings.models_allowed])]
+        names.append(("embedder", settings.embedder))
+    for setting, value in names:
+        if value.strip() and looks_like_path(value) and not Path(value).expanduser().exists():
+            raise ValueError(f"{setting} {value!r} is a local path, and "
+                             f"{Path(value).expanduser().absolute()} does not exist; give the directory that holds the checkpoint "
+                             "(`fhir-rerank make-tiny-model DIR` writes a tiny random one), a "
+                             "tier alias (0.6B, 4B, 8B) or a Hugging Face id")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _with_nearest(names: list[str], known: Any) -> list[str]:
+    """Each unknown name, with the known one it most likely misspells: `X (did you mean Y?)`."""
+    out = []
+    for name in names:
+        near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+        out.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return out

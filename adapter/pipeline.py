@@ -249,37 +249,50 @@ def keyword_order(recall_scores: list[float], candidate_scores: list[float]) -> 
 
 def _stage_outcome(payload: dict[str, Any], req: dict[str, Any], listed: int, is_model: bool,
                    fallback: str | None) -> Outcome | None:
-    """One outcome saying what happened: the recall cut before a model, or keyword order."""
+    """One outcome saying what happened: the recall cut before a model, or keyword order. Its
+    first number is the Bundle's `total` (`listed`: the resources ranked), and the counts
+    after it add up to that number."""
     searched = payload.get("searched", len(payload["candidates"]))
     matched = payload.get("matched", listed)
     candidates = len(payload["candidates"])
     if is_model:
         if searched <= candidates:
             return None  # every resource was reranked: nothing to say
+        held, stage = min(matched, candidates), payload.get("first_stage", "BM25")
+        how = (f"the {held} best by BM25 of the {matched} that hold a word of the question"
+               if matched > candidates else f"the {held} that hold a word of the question")
+        if not held:
+            how = "none holds a word of the question"
+        if candidates > held:
+            how += f"{' and' if held else ', so'} {candidates - held} that hold none"
+        if stage != "BM25":  # fused candidates need not hold a word: no split to give
+            how = f"the {candidates} best by {stage} ({matched} hold a word of the question)"
+        lead = f"total {listed}: " if listed == candidates else ""  # else the budget says why
         return Outcome("information", "informational",
-                       f"{searched} resources searched, {matched} hold a word of the question; "
-                       f"the {candidates} best by {payload.get('first_stage', 'BM25')} were "
-                       f"reranked (recall={req['recall']}); raise `recall` to rerank more",
+                       f"{lead}{candidates} of the {searched} resources searched were reranked "
+                       f"(recall={req['recall']}): {how}; raise `recall` to rerank more",
                        ("recall",))
-    found = (f"{matched} of {searched} resources hold a word of the question (stopwords and "
-             "words no record has do not count)")
+    shown = min(matched, listed)
     if not matched:
-        found = (f"none of the {searched} resources holds a word of the question (stopwords "
-                 "do not count); try other words, or a reranker model")
-    elif matched > listed:
-        found += (f"; the best {listed} by BM25 are listed (recall={req['recall']}), raise "
-                  "`recall` to list more")
+        found = (f"total {listed}: none of the {searched} resources holds a word of the question "
+                 "(stopwords do not count); try other words, or a reranker model")
+    elif matched > shown:
+        found = (f"total {listed}: the best {shown} by BM25 of the {matched} resources (of "
+                 f"{searched}) that hold a word of the question (recall={req['recall']}); "
+                 "raise `recall` to list more")
     else:
-        found += " and are listed"
-    if payload.get("list_unmatched") and listed > min(matched, candidates):
-        found += "; the other candidates follow with score 0 (keyword_list_unmatched = true)"
+        found = (f"total {listed}: the {matched} of {searched} resources that hold a word of "
+                 "the question (stopwords and words no record has do not count)")
+    if payload.get("list_unmatched") and listed > shown:
+        found += (f", then {listed - shown} that hold none, with score 0 "
+                  "(keyword_list_unmatched = true)")
     if fallback:
         return Outcome("warning", "processing",
                        f"results are in BM25 keyword order, not reranked: {fallback}; {found}")
     return Outcome("information", "informational",
                    "keyword order (reranker = none): search.score is a BM25 keyword score "
                    f"scaled to [0, 1], not a model's relevance; {found}",
-                   ("recall",) if matched > listed else ())
+                   ("recall",) if matched > shown else ())
 
 
 def _score(reranker: Reranker, query: str, instruction: str | None, docs: list[Document],

@@ -8,6 +8,10 @@ Each probe returns a `Check` and never raises; each is bounded by `readyz_timeou
 - workers: a live Celery worker consumes the queue of every model in `models_allowed` (the
   workers' heartbeats in Redis, `adapter.jobs.live_workers`);
 - models: in-process mode only: the reranker of every allowed model is loaded.
+
+A reranker that could not load its model serves BM25 keyword order: that is not ready (503,
+the reason in the check) unless `allow_keyword_fallback` says keyword order is acceptable, when
+the check passes as `degraded` and /readyz answers 200 "degraded".
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    degraded: bool = False  # passes only because allow_keyword_fallback accepts keyword order
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,34 +88,55 @@ def probe_workers(settings: Settings) -> Check:
     workers' own heartbeats in Redis (`adapter.jobs.live_workers`), the same view that turns
     a job for an unconsumed queue into a 503, so readiness and job submission agree."""
     from adapter.jobs import live_workers
+    from adapter.jobs.heartbeat import degraded_workers
+    from adapter.jobs.routing import worker_command
 
     try:
         consumers = live_workers(settings)
+        degraded = degraded_workers(settings)
     except Exception as exc:  # broker down: redis errors of several kinds
         return Check("workers", False, f"could not ask the workers ({type(exc).__name__})")
     missing = [(q, models) for q, models in expected_queues(settings).items()
                if not consumers.get(q)]
     if missing:
         return Check("workers", False, "; ".join(
-            f"no worker consumes {q} (models {', '.join(m)}); start one with `fhir-rerank "
-            f"worker --tiers {m[0]}`" for q, m in missing))
+            f"no worker consumes {q} (models {', '.join(m)}); start one with "
+            f"`{worker_command(q)}`" for q, m in missing))
     live = ", ".join(f"{q}: {consumers[q]} worker(s)" for q in expected_queues(settings))
+    keyword = [(q, r) for q, r in degraded.items() if q in expected_queues(settings)]
+    if keyword:
+        detail = live + "; " + "; ".join(
+            f"a worker on {q} serves BM25 keyword order, its model is unavailable: {r}"
+            for q, r in keyword)
+        return _fallback("workers", detail, settings)
     return Check("workers", True, live)
+
+
+def _fallback(name: str, detail: str, settings: Settings) -> Check:
+    """A check whose backend serves keyword order: degraded when allowed, else not ready."""
+    if settings.allow_keyword_fallback:
+        return Check(name, True, detail + " (allow_keyword_fallback = true)", degraded=True)
+    return Check(name, False, detail + "; fix the model, or set allow_keyword_fallback = true "
+                                       "to accept keyword order as ready (degraded)")
 
 
 def probe_models(runtime: Runtime) -> Check:
     """In-process mode: each allowed model's reranker is loaded in the app's runtime."""
     settings = runtime.settings
-    parts, ok = [], True
+    parts, ok, keyword = [], True, False
     for model in dict.fromkeys([settings.model, *settings.models_allowed]):
         reranker = runtime.loaded_reranker(model)
         if reranker is None:
             ok = False
             parts.append(f"{model}: not loaded")
         elif getattr(reranker, "fallback_reason", None):
-            parts.append(f"{model}: unavailable, serving BM25 order")
+            keyword = True
+            parts.append(f"{model}: unavailable, serving BM25 keyword order: "
+                         f"{reranker.fallback_reason}")
         else:
             parts.append(f"{model}: {reranker.describe()}")
+    if ok and keyword:
+        return _fallback("models", "; ".join(parts), settings)
     return Check("models", ok, "; ".join(parts))
 
 

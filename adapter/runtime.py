@@ -48,8 +48,8 @@ class Caches:
         self.indexes: LRU[Any] = LRU(0, "bm25_index")
         #: document vectors per (embedder, resource version, text digest): per caller's text
         self.vectors: LRU[Any] = LRU(0, "doc_vectors")
-        #: candidates kept by a time budget per (reranker, question, candidates)
-        self.budgets: LRU[int] = LRU(0, "budget")
+        #: time-budget cuts (kept, tokens/s, tokens) per (reranker, question, candidates)
+        self.budgets: LRU[tuple] = LRU(0, "budget")
         #: whole scoring results per (reranker, question, candidates): the next page is free
         self.scores: LRU[Any] = LRU(0, "scores")
         self.resize(entries)

@@ -252,8 +252,27 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when (host, port) cannot be bound because something listens there already."""
+    import errno
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def serve(settings: Settings, log_level: str = "info") -> int:
     """Run gunicorn in the foreground until stopped; 2 when the app cannot start."""
+    if settings.port and port_in_use(settings.host, settings.port):  # one line, not gunicorn's ten
+        log.error("port %d on %s is in use (another fhir-rerank serve?); pick a free one with "
+                  "--port N, FHIR_RERANK_PORT=N or `make demo PORT=N`", settings.port,
+                  settings.host)
+        return 2
     # Not imported from adapter.metrics: importing prometheus_client before this variable is
     # set would fix every process of the tree in single-process mode.
     MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

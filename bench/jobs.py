@@ -99,9 +99,13 @@ def measure(settings: Settings, celery: CeleryJobRunner, label: str, recall: int
     finally:
         inprocess.close()
     local, queued = [], []
+    from adapter.runtime import Runtime
+
+    runtime = Runtime(settings)  # rank_job takes the runtime (its models) since the runtime moved
+    rank_job(batch[0], settings.model, runtime)  # load the model before timing
     for payload in batch[:sequential]:
         start = time.perf_counter()
-        rank_job(payload, settings.model, settings)
+        rank_job(payload, settings.model, runtime)
         local.append(time.perf_counter() - start)
         start = time.perf_counter()
         job_id = celery.submit(payload, settings.model, OWNER)

@@ -63,6 +63,28 @@ def test_time_budget_with_the_qwen3_engine_keeps_what_its_measured_speed_allows(
     assert apply_time_budget(off, docs, list(range(8)), reranker)[0] == docs
 
 
+def test_a_remembered_cut_says_the_speed_it_was_decided_on(tiny_model_dir):
+    """The next page reuses the cut; the speed (a running average) may have moved since. The
+    outcome gives the speed and tokens that decided the cut, never a speed at which every
+    candidate would have fitted."""
+    from adapter.lru import LRU
+    from adapter.rerank.qwen3 import Qwen3Reranker
+
+    reranker = Qwen3Reranker(str(tiny_model_dir), device="cpu", dtype="float32")
+    docs = _docs(8)
+    lengths = reranker.token_lengths("kidney function", [d.text for d in docs])
+    speed = reranker.tokens_per_s
+    req = {"query": "kidney function", "instruction": None,
+           "rerank_budget_s": (sum(lengths[:3]) + 0.5) / speed}
+    cache: LRU = LRU(16, "budget-test")
+    first = apply_time_budget(req, docs, list(range(8)), reranker, cache)[2][0].diagnostics
+    reranker.loaded.tokens_per_s = speed * 1000  # later real calls ran far faster
+    again = apply_time_budget(req, docs, list(range(8)), reranker, cache)
+    assert len(again[0]) == 3 and again[2][0].diagnostics == first
+    assert first.startswith("total 3: ") and f"{speed:.0f} tokens/s" in first
+    assert f"all {sum(lengths)} tokens" in first
+
+
 def test_no_model_no_speed_limit():
     from adapter.rerank.keyword import KeywordReranker
 
@@ -231,3 +253,22 @@ def test_budget_count_is_the_longest_fitting_head(lengths, speed, budget):
         assert kept == 1  # only the floor of one candidate may overrun
     if kept < len(lengths):
         assert sum(lengths[:kept + 1]) > allowance
+
+
+def test_the_stage_outcome_counts_add_up_to_the_total():
+    """One number: the outcome opens with the Bundle's total, and what it says was reranked
+    adds up to it (9 candidates hold a word of the question, 91 hold none)."""
+    from adapter.pipeline import _stage_outcome
+
+    payload = {"searched": 402, "matched": 9, "candidates": [{}] * 100}
+    said = _stage_outcome(payload, {"recall": 100}, 100, True, None).diagnostics
+    assert said.startswith("total 100: 100 of the 402 resources searched were reranked")
+    assert "the 9 that hold a word of the question and 91 that hold none" in said
+    many = _stage_outcome({**payload, "matched": 250}, {"recall": 100}, 100, True, None)
+    assert "the 100 best by BM25 of the 250 that hold a word" in many.diagnostics
+    keyword = _stage_outcome({**payload, "matched": 250}, {"recall": 100}, 100, False, None)
+    assert "total 100: the best 100 by BM25 of the 250 resources (of 402)" in \
+        keyword.diagnostics
+    whole = _stage_outcome({"searched": 50, "matched": 9, "candidates": [{}] * 9},
+                           {"recall": 100}, 9, False, None)
+    assert "total 9: the 9 of 50 resources that hold a word" in whole.diagnostics

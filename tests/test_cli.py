@@ -59,7 +59,11 @@ def served(tmp_path):
     yield start
     for proc in procs:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=40)  # gunicorn's graceful stop, on a busy shared machine
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_serve_over_fixture_files_answers_fhir(served):
@@ -76,21 +80,107 @@ def test_serve_over_fixture_files_answers_fhir(served):
     assert BIG not in text and "kidney" not in text
 
 
-def test_serve_without_weights_says_so_and_serves_bm25(served, tmp_path):
-    missing = str(tmp_path / "no-weights")
-    base, log = served(env=_env(FHIR_RERANK_MODEL=missing, FHIR_RERANK_MODELS_ALLOWED=missing,
-                                HF_HUB_OFFLINE="1"))
+def test_serve_without_weights_says_so_and_serves_bm25_but_is_not_ready(served, tmp_path):
+    empty = tmp_path / "no-weights"  # a directory that holds no checkpoint
+    empty.mkdir()
+    base, log = served(env=_env(FHIR_RERANK_MODEL=str(empty), HF_HUB_OFFLINE="1"))
     lines = [line for line in log.read_text().splitlines() if "BM25 order" in line]
     assert len(lines) == 1 and "BM25 order" in lines[0] and "--reranker none" in lines[0]
+    assert "HF_HUB_OFFLINE" not in lines[0]  # a local directory: no talk of the model hub
     bundle = requests.get(f"{base}/Condition", params={"patient": BIG, "_content": "stress"},
                           timeout=30).json()
     warnings = [i["diagnostics"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
                 for i in e["resource"]["issue"]]
     assert any("not reranked" in w for w in warnings)
+    ready = requests.get(base.removesuffix("/fhir") + "/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+    assert "keyword order" in ready.text and "allow_keyword_fallback" in ready.text
+
+
+def test_serve_with_allow_keyword_fallback_is_degraded_not_ready(served, tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    base, _ = served("--model", str(empty), env=_env(FHIR_RERANK_ALLOW_KEYWORD_FALLBACK="true",
+                                                     HF_HUB_OFFLINE="1"))
+    ready = requests.get(base.removesuffix("/fhir") + "/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+
+
+def test_serve_model_from_the_command_line_is_ready(served, tiny_model_dir):
+    """`serve --model DIR` (the --help example) allows DIR alone, so it becomes ready: no
+    unloaded 0.6B left in models_allowed."""
+    base, _ = served("--model", str(tiny_model_dir), "--device", "cpu")
+    ready = requests.get(base.removesuffix("/fhir") + "/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+    assert "0.6B" not in ready.text
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["rerank", "--query", "asthma", "--docs", "notes.jsonl", "--model", "./no-such-model"], {},
+     "no-such-model does not exist"),
+    (["serve", "--model", "./no-such-model"], {}, "no-such-model does not exist"),
+    (["worker", "--model", "~/no-such-model", "--redis-url", "redis://127.0.0.1:1/0"], {},
+     "no-such-model does not exist"),
+    (["serve"], {"FHIR_RERANK_DEVICE": "gpu"}, "device: 'gpu' is not a device"),
+    (["serve", "--port", "8081"], {"FHIR_RERANK_PORT": "eighty"},
+     "FHIR_RERANK_PORT='eighty' (setting port): 'eighty' is not an integer"),
+    (["serve"], {"FHIR_RERANK_MODLE": "4B"}, "did you mean FHIR_RERANK_MODEL?"),
+    (["worker", "--tiers", "8B", "--redis-url", "redis://127.0.0.1:1/0"], {},
+     "--tiers 8B: no allowed model is sent there"),
+])
+def test_bad_start_is_one_line_exit_2(args, env, says):
+    proc = subprocess.run(_cli(*args), cwd=ROOT, env=_env(**env), capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert says in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_rerank_with_an_unloadable_model_exits_2_unless_keyword_order_is_allowed(tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    docs = tmp_path / "notes.jsonl"
+    docs.write_text('"asthma attack at night"\n"knee pain"\n')
+    args = _cli("rerank", "--query", "asthma", "--docs", str(docs), "--model", str(empty))
+    strict = subprocess.run(args, cwd=ROOT, env=_env(HF_HUB_OFFLINE="1"), capture_output=True,
+                            text=True, timeout=120)
+    assert strict.returncode == 2 and strict.stdout == ""
+    assert "could not load" in strict.stderr and "make-tiny-model" in strict.stderr
+    lenient = subprocess.run(args, cwd=ROOT, env=_env(HF_HUB_OFFLINE="1",
+                             FHIR_RERANK_ALLOW_KEYWORD_FALLBACK="true"),
+                             capture_output=True, text=True, timeout=120)
+    assert lenient.returncode == 0 and "asthma attack" in lenient.stdout
+    assert "BM25 keyword scores" in lenient.stderr
+
+
+def test_port_in_use_is_one_line_naming_the_fix():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for dev in ([], ["--dev"]):
+            proc = subprocess.run(_cli("serve", "--port", str(port), "--reranker", "none", *dev),
+                                  cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                  timeout=120)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+            assert f"port {port}" in lines[0] and "--port" in lines[0] and "PORT=" in lines[0]
+
+
+def test_log_flags_work_after_the_subcommand_too():
+    for args in (["--log-format", "json", "search"], ["search", "--log-format", "json"]):
+        proc = subprocess.run(_cli(*args, "x", "--reranker", "none"), cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr  # no patient: one JSON error line
+        assert json.loads(proc.stderr.strip().splitlines()[-1])["level"] == "ERROR"
+    quiet = subprocess.run(_cli("search", "x", "--reranker", "none", "--log-level", "CRITICAL"),
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 2 and quiet.stderr == ""
 
 
 def test_serve_refuses_to_start_when_reranker_required(tmp_path):
-    missing = str(tmp_path / "no-weights")
+    missing = str(tmp_path / "no-weights")  # a directory without a checkpoint: the load fails
+    (tmp_path / "no-weights").mkdir()
     proc = subprocess.run(_cli("serve", "--port", str(_free_port())), cwd=ROOT,
                           env=_env(FHIR_RERANK_MODEL=missing, HF_HUB_OFFLINE="1",
                                    FHIR_RERANK_RERANKER_REQUIRED="true"),
@@ -160,7 +250,8 @@ def test_make_tiny_model_draws_its_progress_on_a_terminal_only(tmp_path):
 
 
 def test_serve_without_embedding_weights_says_so_once_and_serves_keyword_recall(served, tmp_path):
-    missing = str(tmp_path / "no-embedding")
+    missing = str(tmp_path / "no-embedding")  # a directory without a checkpoint
+    (tmp_path / "no-embedding").mkdir()
     base, log = served("--reranker", "none", env=_env(FHIR_RERANK_EMBEDDER=missing,
                                                       HF_HUB_OFFLINE="1"))
     for _ in range(2):

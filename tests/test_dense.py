@@ -194,7 +194,8 @@ def test_api_with_dense_recall_and_without_weights(tiny_embedding_dir, tiny_mode
                                   model=str(tiny_model_dir), device="cpu",
                                   dtype="float32").get(url))
     assert len(matches(fused)) == 7  # a model reranks every fused candidate
-    assert any("best by BM25 + dense (RRF) were reranked" in i["diagnostics"]
+    assert any("total 7: 7 of the" in i["diagnostics"]
+               and "the 7 best by BM25 + dense (RRF) (" in i["diagnostics"]
                for i in outcome_issues(fused))
     absent = bundle_of(make_client(embedder=str(tmp_path / "nothing")).get(url))
     assert 0 < len(matches(absent)) <= 7

@@ -309,7 +309,7 @@ def test_a_tier_no_worker_consumes_is_503_naming_the_command(settings, workers, 
         assert resp.status_code == 503, resp.get_data(as_text=True)[:300]
         issue = resp.get_json()["issue"][0]
         assert "no worker consumes the nobody tier" in issue["diagnostics"]
-        assert "fhir-rerank worker --tiers nobody" in issue["diagnostics"]
+        assert "`fhir-rerank worker --tiers rerank.nobody`" in issue["diagnostics"]
         assert resp.headers["Retry-After"]
     live = live_workers(load_settings(settings, env={}))
     assert live.get("rerank.default") == 1 and live.get("rerank.4B") == 1

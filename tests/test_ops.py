@@ -137,6 +137,25 @@ def test_readyz_not_ready_until_the_model_is_loaded(tiny_model_dir):
     assert app.get("/readyz").status_code == 200
 
 
+def test_readyz_keyword_fallback_is_not_ready_unless_allowed(tmp_path):
+    """A model that cannot load serves keyword order: 503 naming why, unless
+    allow_keyword_fallback accepts it (200 "degraded", what `make demo` turns on)."""
+    from adapter.api.state import state_of
+
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    for allowed, status, word in ((False, 503, "not ready"), (True, 200, "degraded")):
+        app = client(reranker="qwen3", model=str(empty), device="cpu",
+                     allow_keyword_fallback=allowed)
+        state_of(app.application).runtime.reranker()  # what `serve` does before it answers
+        resp = app.get("/readyz")
+        assert resp.status_code == status and resp.get_json()["status"] == word
+        models = [c for c in resp.get_json()["checks"] if c["name"] == "models"][0]
+        assert "serving BM25 keyword order" in models["detail"]
+        assert str(empty) in models["detail"] and models["degraded"] is allowed
+        assert ("set allow_keyword_fallback = true" in models["detail"]) is not allowed
+
+
 def test_readyz_names_an_unreachable_fhir_server():
     app = client(fhir_base_url="http://127.0.0.1:9/fhir", readyz_timeout=0.5)
     resp = app.get("/readyz")
@@ -163,7 +182,14 @@ def test_readyz_with_no_worker_on_a_tier_names_the_command(redis_server):
     checks = {c["name"]: c for c in resp.get_json()["checks"]}
     assert checks["redis"]["ok"]
     detail = checks["workers"]["detail"]
-    assert "rerank.ops-a" in detail and "rerank.ops-b" in detail and "--tiers m2" in detail
+    assert "rerank.ops-a" in detail and "rerank.ops-b" in detail
+    # the same command as a job's 503 (adapter.jobs.routing.worker_command): the queue's name,
+    # which `--tiers` reads as that queue (a bare "ops-b" would be read as a model)
+    assert "`fhir-rerank worker --tiers rerank.ops-b`" in detail
+    from adapter.jobs.routing import queue_for_tier
+
+    settings = load_settings({"model_queues": ["m2=ops-b"]}, env={})
+    assert queue_for_tier(settings, "rerank.ops-b") == "rerank.ops-b"
 
 
 def test_metrics_count_routes_by_template_not_by_id(files):
@@ -215,6 +241,29 @@ def test_serve_refuses_a_misspelt_variable_with_the_reason(tmp_path):
     assert "FHIR_RERANK_REDIS_ULR" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_misspelt_variable_names_its_nearest_setting():
+    with pytest.raises(ValueError, match=r"FHIR_RERANK_MODLE \(did you mean FHIR_RERANK_MODEL\?\)"):
+        load_settings(env={"FHIR_RERANK_MODLE": "4B"})
+    with pytest.raises(ValueError, match=r"reranker_requird \(did you mean reranker_required\?\)"):
+        load_settings({"reranker_requird": True}, env={})
+
+
+def test_a_bad_variable_is_an_error_even_when_a_flag_overrides_it():
+    with pytest.raises(ValueError, match=r"FHIR_RERANK_PORT='eighty' \(setting port\): 'eighty' is not"):
+        load_settings({"port": 8081}, env={"FHIR_RERANK_PORT": "eighty"})
+    with pytest.raises(ValueError, match="device: 'gpu' is not a device; use auto, cpu, cuda"):
+        load_settings(env={"FHIR_RERANK_DEVICE": "gpu"})
+    assert load_settings({"device": "cuda:1"}, env={}).device == "cuda:1"
+
+
+def test_a_model_chosen_without_models_allowed_is_the_one_allowed():
+    assert load_settings({"model": "./tiny"}, env={}).models_allowed == ["./tiny"]
+    assert load_settings(env={"FHIR_RERANK_MODEL": "4B"}).models_allowed == ["4B"]
+    assert load_settings(env={}).models_allowed == ["0.6B"]
+    both = load_settings({"model": "./tiny"}, env={"FHIR_RERANK_MODELS_ALLOWED": "0.6B,4B"})
+    assert both.models_allowed == ["0.6B", "4B"]
+
+
 def test_upstream_meta_that_is_not_a_string_is_not_a_500():
     """Found by fuzzing an upstream: meta.versionId as a list made the cache key unhashable."""
     from adapter.fhir.flatten import flatten_documents
@@ -240,3 +289,32 @@ def test_readyz_counts_a_live_worker_per_queue(redis_server, celery_workers):
     resp = app.get("/readyz")
     assert resp.status_code == 503 and "no worker consumes rerank.ops-c" in resp.get_data(
         as_text=True)
+
+
+def test_readyz_with_a_worker_serving_keyword_order(redis_server, celery_workers, tmp_path):
+    """A worker whose model cannot load is live but serves keyword order: not ready (503 with
+    the reason), or 200 "degraded" with allow_keyword_fallback."""
+    import time
+
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    settings = {"redis_url": redis_server.url, "reranker": "qwen3", "model": str(empty),
+                "models_allowed": [str(empty)], "model_queues": [f"{empty}=ops-d"],
+                "device": "cpu", "readyz_timeout": 1.0}
+    worker = celery_workers.start("readyz-ops-d", ["rerank.ops-d"], settings)
+    try:
+        app = client(**settings)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            resp = app.get("/readyz")
+            if "keyword order" in resp.get_data(as_text=True):
+                break
+            time.sleep(0.2)
+        assert resp.status_code == 503, resp.get_json()
+        workers = [c for c in resp.get_json()["checks"] if c["name"] == "workers"][0]
+        assert "rerank.ops-d" in workers["detail"] and str(empty) in workers["detail"]
+        lenient = client(**settings, allow_keyword_fallback=True).get("/readyz")
+        assert lenient.status_code == 200 and lenient.get_json()["status"] == "degraded"
+    finally:
+        worker.stop()
+    assert "keyword order" not in app.get("/readyz").get_data(as_text=True)  # it left

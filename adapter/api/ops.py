@@ -23,12 +23,16 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Ready: every dependency answers; 503 with the failing checks named when not."""
+    """Ready: every dependency answers; 503 with the failing checks named when not. A model
+    that could not load (keyword order) is not ready, unless allow_keyword_fallback makes it
+    200 "degraded"."""
     app_state = state()
     checks = readiness(app_state.settings, app_state.source, app_state.runtime)
     ready = all(c.ok for c in checks)
-    return _json({"status": "ready" if ready else "not ready",
-                  "checks": [c.to_json() for c in checks]}, 200 if ready else 503)
+    status = ("degraded" if any(c.degraded for c in checks) else "ready") if ready \
+        else "not ready"
+    return _json({"status": status, "checks": [c.to_json() for c in checks]},
+                 200 if ready else 503)
 
 
 @bp.get("/metrics")

@@ -107,8 +107,8 @@ def _model_checkpoint(model_dir: str | None) -> Iterator[tuple[str | None, str |
         if not qwen_tiktoken_path().exists():
             raise FileNotFoundError(str(qwen_tiktoken_path()))
     except (ImportError, FileNotFoundError) as exc:
-        yield None, (f"no tiny Qwen3 checkpoint: {exc}; `pip install --no-deps dashscope==2.0.2` "
-                     "or pass --model-dir")
+        yield None, (f"no tiny Qwen3 checkpoint: {exc}; reinstall the package (its data holds "
+                     "the Qwen tokenizer ranks) or pass --model-dir")
         return
     _no_loading_bar()
     folder = tempfile.mkdtemp(prefix="fhir-rerank-interop-model-")

@@ -19,7 +19,7 @@ from adapter.errors import QueueUnavailable
 from adapter.jobs.app import make_celery
 from adapter.jobs.envelope import seal, unseal
 from adapter.jobs.heartbeat import LiveWorkers, job_key, redis_time, stamp_once
-from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of
+from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of, worker_command
 from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
 from adapter.jobs.task import TASK_NAME
 from adapter.runtime import Runtime
@@ -67,8 +67,7 @@ class CeleryJobRunner(JobRunner):
             tier = tier_of(queue)
             raise QueueUnavailable(
                 f"no worker consumes the {tier} tier (queue {queue}); start one with "
-                f"`fhir-rerank worker --tiers {tier}` (or `celery -A celery_app worker -Q "
-                f"{queue}`)", expression="model", headers={"Retry-After": "5"})
+                f"`{worker_command(queue)}`", expression="model", headers={"Retry-After": "5"})
 
     def _create(self, job_id: str, model: str, owner: str) -> None:
         queue = queue_for_model(self.settings, model)

@@ -8,6 +8,8 @@ its id, see adapter.jobs.runners.job_ref):
 - `fhir-rerank:workers:<queue>`  sorted set: worker hostname → last heartbeat (unix time)
 - `fhir-rerank:running`          sorted set: job ref → last heartbeat of the running task
 - `fhir-rerank:lease:<ref>`      the hostname running the job; expires after job_stale_after
+- `fhir-rerank:degraded:<queue>` hash: worker hostname → why it serves BM25 keyword order (its
+                                 model could not load); read only for live hostnames
 
 Every worker's main process runs one `WorkerBeat` thread: it refreshes its queues'
 heartbeats and hands each job whose heartbeat went stale back to its queue (the job record
@@ -36,6 +38,42 @@ def job_key(ref: str) -> str:
 
 def workers_key(queue: str) -> str:
     return f"{KEY_PREFIX}workers:{queue}"
+
+
+def degraded_key(queue: str) -> str:
+    return f"{KEY_PREFIX}degraded:{queue}"
+
+
+def mark_degraded(settings: Settings, hostname: str, queues: list[str], reason: str) -> None:
+    """Say (for /readyz) that the worker `hostname` serves keyword order on `queues`."""
+    client = _redis(settings)
+    try:
+        with client.pipeline() as pipe:
+            for queue in queues:
+                pipe.hset(degraded_key(queue), hostname, reason[:500])
+            pipe.execute()
+    finally:
+        client.close()
+
+
+def degraded_workers(settings: Settings, client: Any = None) -> dict[str, str]:
+    """{queue: reason} for each queue one of whose live workers serves keyword order."""
+    now = time.time()
+    own = client is None
+    client = client or _redis(settings)
+    try:
+        out: dict[str, str] = {}
+        for key in client.scan_iter(match=degraded_key("*"), count=100):
+            queue = key.removeprefix(KEY_PREFIX + "degraded:")
+            live = set(client.zrangebyscore(workers_key(queue), now - settings.job_stale_after,
+                                            "+inf"))
+            reasons = {h: r for h, r in client.hgetall(key).items() if h in live}
+            if reasons:
+                out[queue] = next(iter(reasons.values()))
+    finally:
+        if own:
+            client.close()
+    return out
 
 
 def lease_key(ref: str) -> str:
@@ -225,6 +263,7 @@ class WorkerBeat:
             with self.client.pipeline() as pipe:
                 for queue in self.queues:
                     pipe.zrem(workers_key(queue), self.hostname)
+                    pipe.hdel(degraded_key(queue), self.hostname)
                 pipe.execute()
         except Exception as exc:  # noqa: BLE001
             log.warning("could not remove the worker heartbeat: %s", type(exc).__name__)

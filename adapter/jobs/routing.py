@@ -50,6 +50,21 @@ def tier_of(queue: str) -> str:
     return queue.removeprefix(QUEUE_PREFIX)
 
 
+def worker_command(queue: str) -> str:
+    """The one command that starts a worker consuming `queue` (the 503 of a job and /readyz
+    both name it): `--tiers 4B` for a tier alias or `default`, the queue's own name otherwise
+    (a bare custom tier would be read as a model and routed to rerank.default)."""
+    tier = tier_of(queue)
+    return f"fhir-rerank worker --tiers {tier if tier in (*TIER_ALIASES, 'default') else queue}"
+
+
+def unrouted_tiers(settings: Settings, tiers: list[str]) -> list[str]:
+    """The `--tiers` entries whose queue no allowed model is sent to: a worker there would wait
+    forever for jobs."""
+    return [t for t in tiers
+            if not models_for_queues(settings, [queue_for_tier(settings, t)])]
+
+
 def _placed(settings: Settings, model: str) -> str | None:
     for entry in settings.model_queues:
         name, sep, tier = entry.rpartition("=")

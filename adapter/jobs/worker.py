@@ -21,7 +21,7 @@ from celery import Celery, signals
 from adapter.config import Settings, load_settings
 from adapter.jobs.app import make_celery
 from adapter.jobs.heartbeat import WorkerBeat
-from adapter.jobs.routing import models_for_queues, worker_queues
+from adapter.jobs.routing import models_for_queues, queue_for_model, worker_queues
 from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 #: Queues this worker consumes, set in the main process (`worker_init`) and inherited by the
 #: prefork children, which load the matching models in `worker_process_init`.
 _worker_queues: list[str] = []
+#: This worker's node name (`worker_init`), which its heartbeats and degraded marks use.
+_worker_name: list[str] = []
 
 
 def make_worker_app(settings: Settings | None = None) -> Celery:
@@ -112,6 +114,7 @@ def _remember_queues(sender: object = None, **_: object) -> None:
     app = getattr(sender, "app", None)
     if app is not None:
         _worker_queues[:] = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+        _worker_name[:] = [getattr(sender, "hostname", "")]
 
 
 def _load_models(**_: object) -> None:
@@ -129,6 +132,15 @@ def _load_models(**_: object) -> None:
     for model in models:
         reranker = runtime.reranker(model)
         log.info("worker process %s ready: %s", os.getpid(), reranker.describe())
+        reason = getattr(reranker, "fallback_reason", None)
+        if reason and _worker_name and _worker_name[0]:  # /readyz: degraded, not ready
+            from adapter.jobs.heartbeat import mark_degraded
+
+            queues = [q for q in _worker_queues if q == queue_for_model(settings, model)]
+            try:
+                mark_degraded(settings, _worker_name[0], queues, f"{model}: {reason}")
+            except Exception as exc:  # noqa: BLE001 - Redis down: the heartbeat says so
+                log.warning("could not record the keyword fallback: %s", type(exc).__name__)
 
 
 def run_worker(settings: Settings, tiers: list[str], concurrency: int = 1,

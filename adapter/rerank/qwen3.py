@@ -158,6 +158,12 @@ def load_attempt(model_id: str, exc: BaseException) -> tuple[str, str]:
 def _load_failure(name: str, model_id: str, exc: BaseException) -> ModelLoadError:
     """One line: what was tried, why it failed, and the three ways out."""
     tried, reason = load_attempt(model_id, exc)
+    if tried.startswith("local directory"):  # the hub has nothing to do with it
+        return ModelLoadError(
+            f"could not load Qwen3-Reranker {name!r}: tried {tried}: {reason}. Fix: point "
+            f"`model` at a directory holding a Qwen3-Reranker checkpoint (config.json, tokenizer "
+            f"and weights; `fhir-rerank make-tiny-model DIR` writes a tiny random one), or run "
+            f"with `--reranker none` for BM25 order.")
     return ModelLoadError(
         f"could not load Qwen3-Reranker {name!r}: tried {tried}: {reason}. Fix: download it once "
         f"with network access (unset HF_HUB_OFFLINE), set `model` to a local directory holding a "

@@ -2,13 +2,15 @@
 
 Why: the tests and `fhir-rerank make-tiny-model` need a checkpoint that loads exactly like a
 `Qwen/Qwen3-Reranker-*` directory (same tokenizer, same architecture, same file layout) without
-reaching the Hugging Face hub. The tokenizer comes from the `qwen.tiktoken` BPE ranks shipped in
-the `dashscope` wheel, converted the way transformers' tiktoken converter does.
+reaching the Hugging Face hub. The tokenizer comes from Qwen's `qwen.tiktoken` BPE ranks, shipped
+with this package (`adapter/rerank/data/qwen.tiktoken.gz`, copied from the `dashscope` wheel:
+provenance and licence in `adapter/rerank/data/README.md`), converted the way transformers'
+tiktoken converter does.
 """
 from __future__ import annotations
 
 import base64
-import importlib.util
+import gzip
 import json
 import logging
 import threading
@@ -44,18 +46,22 @@ _tokenizer_lock = threading.Lock()
 _tokenizer_cache: PreTrainedTokenizerFast | None = None
 
 
+#: Qwen's BPE ranks (gzip of dashscope 2.0.2's resources/qwen.tiktoken, byte for byte)
+QWEN_TIKTOKEN = Path(__file__).resolve().parent / "data" / "qwen.tiktoken.gz"
+
+
 def qwen_tiktoken_path() -> Path:
-    """Where dashscope's `qwen.tiktoken` lies (dashscope itself cannot be imported without deps)."""
-    spec = importlib.util.find_spec("dashscope")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("dashscope is not installed; `pip install --no-deps dashscope==2.0.2` "
-                                "ships the Qwen BPE ranks (qwen.tiktoken)")
-    return Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
+    """Where the Qwen BPE ranks lie: package data, so `pip install .` alone is enough."""
+    if not QWEN_TIKTOKEN.is_file():
+        raise FileNotFoundError(f"{QWEN_TIKTOKEN} is missing: the package was installed without "
+                                "its data files; reinstall it (pip install .)")
+    return QWEN_TIKTOKEN
 
 
 def _read_bpe_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
-    for line in path.read_bytes().splitlines():
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    for line in data.splitlines():
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)

@@ -57,11 +57,13 @@ def add_budget_param(req: SearchRequest, values: dict[str, list[str]],
 
 
 def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: list[float],
-                      reranker: Any, cache: LRU[int] | None = None
+                      reranker: Any, cache: LRU[Any] | None = None
                       ) -> tuple[list[Document], list[float], list[Outcome]]:
     """The candidates the reranker can score within the request's time budget, and an outcome
-    when some were cut. `cache` (a runtime's `Caches.budgets`) remembers the count per
-    (reranker instance, ranking), so pages of one result agree."""
+    when some were cut. `cache` (a runtime's `Caches.budgets`) remembers the cut per
+    (reranker instance, ranking) with the speed and token count it was decided on, so pages of
+    one result agree and the outcome's numbers are the ones that decided it (the speed is a
+    running average: the one measured now may be another)."""
     budget = float(req.get("rerank_budget_s") or 0.0)
     speed = getattr(reranker, "tokens_per_s", None)
     if budget <= 0 or not speed or not docs:
@@ -72,28 +74,27 @@ def apply_time_budget(req: dict[str, Any], docs: list[Document], recall_scores: 
         digest.update(part.encode("utf-8"))
         digest.update(b"\1")
     key = (reranker.instance_id, digest.hexdigest())
-    kept = cache.get(key) if cache is not None else None
-    lengths: list[int] = []
-    if kept is None:
+    cut = cache.get(key) if cache is not None else None
+    if cut is None:
         lengths = reranker.token_lengths(req["query"], [d.text for d in docs],
                                          req.get("instruction"))
-        kept = candidates_within(lengths, speed, budget)
+        cut = (candidates_within(lengths, speed, budget), float(speed), sum(lengths))
         if cache is not None:
-            cache.put(key, kept)
+            cache.put(key, cut)
+    kept, speed, tokens = cut
     if kept >= len(docs):
         return docs, recall_scores, []
-    whole = ""
-    if lengths:  # tenths under 10 s: a fast GPU's "about 0 s" would say nothing
-        seconds = sum(lengths) / speed
-        whole = f"; about {seconds:.1f} s would rerank all" if seconds < 10 else \
-            f"; about {seconds:.0f} s would rerank all"
+    seconds = tokens / speed  # tenths under 10 s: a fast GPU's "about 0 s" would say nothing
+    whole = f"; about {seconds:.1f} s would rerank all {tokens} tokens" if seconds < 10 else \
+        f"; about {seconds:.0f} s would rerank all {tokens} tokens"
     best = "the best one by the first stage was" if kept == 1 else \
         f"the {kept} best by the first stage were"
     left = len(docs) - kept
     outcome = Outcome(
         "information", "informational",
-        f"rerank_budget_s={budget:g}: the reranker (measured {speed:.0f} tokens/s) can score "
-        f"{kept} of the {len(docs)} candidates in time, so {best} reranked and {left} "
+        f"total {kept}: rerank_budget_s={budget:g}: at the {speed:.0f} tokens/s measured when "
+        f"this ranking was cut, the reranker can score {kept} of the {len(docs)} candidates "
+        f"in time, so {best} reranked and {left} "
         f"{'was' if left == 1 else 'were'} left out{whole}; raise `rerank_budget_s` to rerank "
         "more", ("rerank_budget_s",))
     return docs[:kept], recall_scores[:kept], [outcome]
