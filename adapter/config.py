@@ -65,6 +65,8 @@ class Settings:
     server_timeout: int = 120
     server_graceful_timeout: int = 30
     server_keepalive: int = 5
+    server_request_timeout: float = 30.0
+    forwarded_allow_ips: list[str] = field(default_factory=list)
     trusted_hosts: list[str] = field(default_factory=list)
     max_request_line: int = 8190
     max_header_count: int = 100
