@@ -21,7 +21,7 @@ from adapter.jobs.envelope import seal, unseal
 from adapter.jobs.heartbeat import LiveWorkers, job_key, redis_time, stamp_once
 from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of
 from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
-from adapter.jobs.task import TASK_NAME
+from adapter.jobs.task import TASK_NAME, scoring_settings
 from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,15 @@ class CeleryJobRunner(JobRunner):
             if not self.records.exists(key):
                 return job_id  # cancelled while it was being prepared
             queued = redis_time(self.records)  # the worker stamps "started" on Redis' clock too
+            needs = scoring_settings(self.settings)  # a worker scores it only with these
             with self.records.pipeline() as pipe:
                 pipe.hset(key, mapping={"stage": "", "envelope": json.dumps(envelope),
-                                        "queued": f"{queued:.6f}"})
+                                        "queued": f"{queued:.6f}", "needs": json.dumps(needs)})
                 pipe.expire(key, ttl)
                 pipe.execute()
-            self.app.send_task(TASK_NAME, args=[envelope, model], task_id=ref,
-                               queue=rerank_queue(queue), argsrepr="(<payload>, model)",
-                               kwargsrepr="{}")
+            self.app.send_task(TASK_NAME, args=[envelope, model], kwargs={"needs": needs},
+                               task_id=ref, queue=rerank_queue(queue),
+                               argsrepr="(<payload>, model)", kwargsrepr="{}")
         except self._errors as exc:
             raise self._unavailable(exc) from None
         log.info("job %s queued on %s", ref[:12], queue)

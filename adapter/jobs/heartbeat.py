@@ -178,8 +178,9 @@ def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
         record = client.hgetall(job_key(ref))
         if not record or record.get("finished") or not record.get("envelope"):
             continue  # cancelled, expired or answered meanwhile
+        needs = json.loads(record["needs"]) if record.get("needs") else None
         app.send_task(TASK_NAME, args=[json.loads(record["envelope"]), record["model"]],
-                      task_id=ref, queue=rerank_queue(record["queue"]),
+                      kwargs={"needs": needs}, task_id=ref, queue=rerank_queue(record["queue"]),
                       argsrepr="(<payload>, model)", kwargsrepr="{}")
         handed += 1
     if handed:
