@@ -85,6 +85,8 @@ class Settings:
     job_stale_after: float = 20.0
     prepare_workers: int = 4
     max_finished_jobs: int = 256
+    max_jobs_per_caller: int = 16
+    max_sync_per_caller: int = 4
     upstream_deadline: float = 60.0
     # --- first stage: dense recall, time budget (issue 11: dense) ---
     embedder: str = ""
