@@ -146,7 +146,7 @@ def _other_settings(task: Any, client: Any, ref: str, envelope: dict[str, Any], 
                            queue=rerank_queue(queue), argsrepr="(<payload>, model)",
                            kwargsrepr="{}")
         return None
-    return {"error": {"status": 503, "code": "transient", "expression": ["model"],
+    return {"error": {"status": 503, "code": "transient", "expression": "model",
                       "message": "no worker with the API's scoring settings took this job "
                                  f"within job_stale_after = {settings.job_stale_after:g} s; "
                                  f"the worker's differ: {'; '.join(differ)}. Give the API and "
