@@ -69,6 +69,8 @@ class Settings:
     server_timeout: int = 120
     server_graceful_timeout: int = 30
     server_keepalive: int = 5
+    server_request_timeout: float = 30.0
+    forwarded_allow_ips: list[str] = field(default_factory=list)
     trusted_hosts: list[str] = field(default_factory=list)
     max_request_line: int = 8190
     max_header_count: int = 100
@@ -88,6 +90,8 @@ class Settings:
     job_stale_after: float = 20.0
     prepare_workers: int = 4
     max_finished_jobs: int = 256
+    max_jobs_per_caller: int = 16
+    max_sync_per_caller: int = 4
     upstream_deadline: float = 60.0
     # --- first stage: dense recall, time budget (issue 11: dense) ---
     embedder: str = ""

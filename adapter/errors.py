@@ -15,6 +15,7 @@
     │   ├── UpstreamGone              410 paging cache expired (re-run once, then 502)
     │   └── UpstreamTimeout           504 timeout
     ├── QueueUnavailable              503 transient  (Redis down, or no worker for the tier)
+    ├── CallerBusy                    429 throttled  (a caller's job or synchronous-call cap)
     ├── JobTimeout                    504 timeout    (a job passed task_soft_time_limit)
     ├── RerankerUnavailable           503 transient  (model could not be loaded)
     └── ModelLoadError                raised at load time; names what was tried and the fix
@@ -112,6 +113,12 @@ class UpstreamTimeout(UpstreamError):
 
 class QueueUnavailable(AdapterError):
     status, code = 503, "transient"
+
+
+class CallerBusy(AdapterError):
+    """One caller holds as many unfinished jobs, or synchronous calls, as it may."""
+
+    status, code = 429, "throttled"
 
 
 class JobTimeout(AdapterError):

@@ -13,9 +13,11 @@ server process: a job polled through another process would not be found there. A
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import selectors
 import shutil
 import socket
 import tempfile
@@ -104,8 +106,222 @@ def _close_gently(sock: socket.socket, budget_s: float = 1.0, max_bytes: int = 1
         pass
 
 
+#: Set by `gunicorn_options` in the master before it forks (workers inherit it): how long a
+#: client may take to send one whole request, and the body size buffered before a thread.
+_buffering: dict[str, float] = {"timeout": 30.0, "max_body": 1_000_000}
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _head_limit(cfg: Any) -> int:
+    """Bytes of a request head past which gunicorn's own parser refuses it (414 / 431)."""
+    return (cfg.limit_request_line + 2 +
+            max(1, cfg.limit_request_fields) * (cfg.limit_request_field_size + 2) + 2)
+
+
+def _chunked_done(buf: bytes | bytearray, start: int, max_body: int) -> bool:
+    """True once a chunked body starting at `start` is whole (last chunk and trailers), is
+    malformed, or is over `max_body` (gunicorn answers the last two itself)."""
+    pos, total = start, 0
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return len(buf) - pos > 1024  # a size line that long is malformed
+        size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return True
+        if size < 0:
+            return True
+        if size == 0:  # trailers (usually none), then an empty line
+            if buf.startswith(b"\r\n", eol + 2):
+                return True
+            return buf.find(b"\r\n\r\n", eol) >= 0
+        total += size
+        if total > max_body:
+            return True
+        pos = eol + 2 + size + 2
+        if pos > len(buf):
+            return False
+
+
+def request_state(buf: bytes | bytearray, cfg: Any,
+                  max_body: int) -> tuple[bool, bool]:
+    """(whole, expects_continue) for the bytes of one HTTP/1.x request received so far.
+
+    `whole` is also True when the request is malformed or over a limit: gunicorn's parser then
+    finds the fault in the bytes at hand and answers it without waiting on the client.
+    `expects_continue`: an HTTP/1.1 head with `Expect: 100-continue` whose body is missing."""
+    end = buf.find(b"\r\n\r\n")
+    bare = buf.find(b"\n\n")
+    if 0 <= bare and (end < 0 or bare < end):
+        return True, False  # bare LF line ends: gunicorn decides
+    if end < 0:
+        line_end = buf.find(b"\r\n")
+        if line_end < 0 and len(buf) > cfg.limit_request_line + 2:
+            return True, False  # request line too long: 414
+        return len(buf) > _head_limit(cfg), False
+    lines = bytes(buf[:end]).split(b"\r\n")
+    length, chunked, expect = None, False, False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return True, False
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = chunked or value.endswith(b"chunked")
+            if not value.endswith(b"chunked"):
+                return True, False
+        elif name == b"expect" and value == b"100-continue":
+            expect = lines[0].endswith(b"HTTP/1.1")
+    start = end + 4
+    if chunked:
+        if length is not None:
+            return True, False
+        done = _chunked_done(buf, start, max_body)
+        return done, expect and not done and len(buf) == start
+    if not length:
+        return True, False
+    if length > max_body:
+        return True, False  # the app answers 413 from Content-Length, unread
+    have = len(buf) - start
+    return have >= length, expect and have == 0
+
+
+def _without_expect(data: bytes) -> bytes:
+    """The request with its `Expect: 100-continue` line removed (already answered)."""
+    end = data.find(b"\r\n\r\n")
+    lines = data[:end].split(b"\r\n")
+    kept = [ln for ln in lines if not (ln.partition(b":")[0].strip().lower() == b"expect" and
+                                       ln.partition(b":")[2].strip().lower() == b"100-continue")]
+    return b"\r\n".join(kept) + data[end:]
+
+
 class OutcomeWorker(ThreadWorker):
-    """gunicorn's threaded worker, answering its own refusals as FHIR OperationOutcomes."""
+    """gunicorn's threaded worker, answering its own refusals as FHIR OperationOutcomes, and
+    buffering each request before a thread serves it.
+
+    Slow clients: gunicorn's thread reads a request with blocking reads, so 8 connections that
+    each trickle a header line every few seconds held all 8 threads and the server answered
+    nothing. Here the worker's event loop (one thread, non-blocking sockets) reads every
+    request until it is whole: the head, and a body of up to `max_body_bytes` (Content-Length
+    or chunked; `Expect: 100-continue` answered here). Only then does a thread get it, with
+    the bytes already in hand. A request not whole within `server_request_timeout` seconds is
+    answered 408 and closed. Malformed or over-limit heads go to gunicorn's parser at once,
+    which refuses them from the bytes at hand."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from collections import deque
+
+        self.buffering: Any = deque()  # connections still receiving, oldest deadline first
+
+    def enqueue_req(self, conn: Any) -> None:
+        """Every way a connection reaches the thread pool (new, kept alive, pipelined) goes
+        through the buffer first; a whole request goes on."""
+        if getattr(conn, "fr_ready", None) is not None:
+            super().enqueue_req(conn)
+            return
+        conn.sock.setblocking(False)
+        held = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        conn.fr_buf = bytearray(held)
+        conn.fr_continued = False
+        conn.fr_deadline = time.monotonic() + _buffering["timeout"]
+        if held and self._whole(conn):
+            self._hand_over(conn)
+            return
+        self.buffering.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ,
+                             functools.partial(self._on_readable, conn))
+
+    def _whole(self, conn: Any) -> bool:
+        whole, expects = request_state(conn.fr_buf, self.cfg, int(_buffering["max_body"]))
+        if expects and not conn.fr_continued:
+            conn.fr_continued = True
+            try:
+                conn.sock.send(_CONTINUE)
+            except OSError:
+                return True  # gone: gunicorn finds out
+        return whole
+
+    def _hand_over(self, conn: Any) -> None:
+        data = bytes(conn.fr_buf)
+        conn.fr_buf = None
+        conn.fr_ready = _without_expect(data) if conn.fr_continued else data
+        super().enqueue_req(conn)
+
+    def _forget(self, conn: Any) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (OSError, KeyError, ValueError):
+            pass
+        try:
+            self.buffering.remove(conn)
+        except ValueError:
+            pass
+
+    def _on_readable(self, conn: Any, _sock: Any) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client left before its request was whole
+            self._forget(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.fr_buf += data
+        if self._whole(conn):
+            self._forget(conn)
+            self._hand_over(conn)
+
+    def murder_pending(self) -> None:
+        """gunicorn's check of connections waiting for data, and the request deadline."""
+        super().murder_pending()
+        from adapter.metrics import REQUESTS
+
+        now = time.monotonic()
+        while self.buffering and self.buffering[0].fr_deadline <= now:
+            conn = self.buffering.popleft()
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass
+            self.nr_conns -= 1
+            if conn.fr_buf:  # a request had begun: say why it ends
+                REQUESTS.labels("malformed", "-", "408").inc()
+                try:
+                    conn.sock.send(outcome_bytes(
+                        408, "Request Timeout", "timeout",
+                        f"the request did not arrive whole within server_request_timeout = "
+                        f"{_buffering['timeout']:g} s; send the whole request at once"))
+                except OSError:
+                    pass
+            conn.close()
+
+    def _cap_keepalive(self, deadline: float) -> None:
+        """Stopping: requests still arriving get the same short linger as kept-alive ones."""
+        super()._cap_keepalive(deadline)
+        for conn in self.buffering:
+            conn.fr_deadline = min(conn.fr_deadline, deadline)
+
+    def handle(self, conn: Any) -> Any:
+        """A thread serves a whole request: the buffered bytes go to gunicorn's parser."""
+        data, conn.fr_ready = getattr(conn, "fr_ready", None), None
+        if data is not None:
+            try:
+                conn.sock.setblocking(True)
+                conn.init()
+            except OSError:
+                return False
+            conn.parser.unreader.unread(data)
+            conn.data_ready = True
+        return super().handle(conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         from adapter.metrics import REQUESTS
@@ -214,6 +430,8 @@ def _json_gunicorn_logger() -> type:
 def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, Any]:
     from adapter.metrics import mark_process_dead
 
+    _buffering.update(timeout=float(max(1.0, settings.server_request_timeout)),
+                      max_body=float(settings.max_body_bytes))
     extra: dict[str, Any] = {}
     if settings.log_format == "json":
         extra["logger_class"] = _json_gunicorn_logger()
@@ -225,6 +443,7 @@ def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, A
         "timeout": settings.server_timeout,
         "graceful_timeout": settings.server_graceful_timeout,
         "keepalive": settings.server_keepalive,
+        "forwarded_allow_ips": ",".join(settings.forwarded_allow_ips),
         "limit_request_line": settings.max_request_line,
         "limit_request_fields": settings.max_header_count,
         "limit_request_field_size": settings.max_header_bytes,

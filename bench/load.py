@@ -82,6 +82,8 @@ def tree_rss_mb(pid: int) -> float:
 def start_server(dev: bool, port: int, log_path: Path, workers: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_RERANK_")}
     env["PYTHONPATH"] = str(ROOT)
+    # every client is the same anonymous caller: the per-caller caps would throttle the load
+    env["FHIR_RERANK_MAX_SYNC_PER_CALLER"] = env["FHIR_RERANK_MAX_JOBS_PER_CALLER"] = "0"
     if not dev:
         env["FHIR_RERANK_SERVER_WORKERS"] = str(workers)
     argv = [sys.executable, "-m", "adapter.cli", "--log-level", "WARNING", "serve",

@@ -24,7 +24,8 @@ import pytest
 from adapter.config import settings_env  # the workers get the API's settings as FHIR_RERANK_*
 
 __all__ = ["RedisServer", "CeleryWorker", "WorkerPool", "free_port", "settings_env",
-           "comparable_bundle", "redis_server", "celery_workers", "single_torch_thread"]
+           "comparable_bundle", "redis_server", "celery_workers", "single_torch_thread",
+           "isolated_redis_db"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90.0
@@ -59,14 +60,19 @@ class RedisServer:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
+    #: the database the current test module uses (see `isolated_redis_db`)
+    db = 0
+    DATABASES = 256
+
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+             "--databases", str(self.DATABASES),
              "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -202,6 +208,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_redis_db() -> Iterator[None]:
+    """Each test module gets a Redis database of its own (`RedisServer.url`): its queues,
+    job records and worker heartbeats. Workers started by an earlier module (they live for
+    the session) consume that module's queues, never this one's, whatever their settings."""
+    RedisServer.db = (RedisServer.db + 1) % RedisServer.DATABASES
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -213,8 +213,28 @@ def test_odd_bodies(server, body, depth, opener, ctype):
     post(server, b"/fhir/$rerank", raw.encode("utf-8", "surrogatepass"), ctype)
 
 
-def test_at_least_2000_requests_were_sent(server):
-    assert SENT["count"] >= 2000, SENT
+GENERATED = ("test_request_lines", "test_headers", "test_query_strings", "test_parameters_bodies",
+             "test_odd_bodies")
+
+
+@pytest.fixture(autouse=True)
+def _each_generated_test_sends_its_examples(request):
+    """A generated test sends one request per example it runs, and runs its max_examples
+    (checked after each test, so it holds whatever order or subset of tests runs)."""
+    before = SENT["count"]
+    yield
+    if request.function.__name__ in GENERATED:
+        wanted = request.function._hypothesis_internal_use_settings.max_examples
+        assert SENT["count"] - before >= 0.9 * wanted, (request.function.__name__,
+                                                        SENT["count"] - before, wanted)
+
+
+def test_at_least_2000_requests_are_generated():
+    """The generated tests are set to send at least 2,000 requests per run; the autouse
+    fixture above checks that each one sent its share (independent of the other tests)."""
+    total = sum(globals()[name]._hypothesis_internal_use_settings.max_examples
+                for name in GENERATED)
+    assert total >= 2000, total
 
 
 # --- failures found by fuzzing, kept as plain regressions ------------------------------------
@@ -250,14 +270,25 @@ def test_huge_headers_are_431(server):
     assert get(server, b"/fhir/metadata", b"X-Big: " + b"a" * 20_000 + b"\r\n") == 431
 
 
-# runs last: it counts what every test above sent
-def test_metrics_add_up_across_gunicorn_and_the_app(server):
-    """Multiprocess mode: the app's counters and the HTTP layer's refusals reach /metrics."""
-    answer = exchange(server, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
-                              b"Connection: close\r\n\r\n", count=False)
+def _requests_counted(port: int) -> tuple[float, str]:
+    answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
+                            b"Connection: close\r\n\r\n", count=False)
     text = answer.partition(b"\r\n\r\n")[2].decode()
-    counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith("fhir_rerank_requests_total{"))
-    assert counted >= 0.9 * SENT["count"], (counted, SENT)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("fhir_rerank_requests_total{")), text
+
+
+def test_metrics_add_up_across_gunicorn_and_the_app(server):
+    """Multiprocess mode: the app's counters and the HTTP layer's refusals reach /metrics.
+    It sends what it counts (app requests, a 400 and a 414 refused by gunicorn), so it holds
+    alone, first or last."""
+    before, _ = _requests_counted(server)
+    for _ in range(20):
+        get(server, b"/fhir/metadata")
+    for line in (b"GET /fhir/metadata HTTP/2.0", b"GET /fhir/x?q=" + b"a" * 9000 + b" HTTP/1.1"):
+        request = line + b"\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        check_answer(exchange(server, request), request)
+    after, text = _requests_counted(server)
+    assert after - before >= 22, (before, after)
     assert 'route="malformed",status="400"' in text and 'route="malformed",status="414"' in text
 

@@ -8,6 +8,7 @@ that starts one. Never a 500.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -18,14 +19,40 @@ from adapter.config import Settings
 from adapter.errors import QueueUnavailable
 from adapter.jobs.app import make_celery
 from adapter.jobs.envelope import seal, unseal
-from adapter.jobs.heartbeat import LiveWorkers, job_key, redis_time, stamp_once
+from adapter.jobs.heartbeat import (JOB_KEY_PREFIX, LiveWorkers, job_key, redis_time,
+                                    stamp_once)
 from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of, worker_command
 from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
-from adapter.jobs.task import TASK_NAME
+from adapter.jobs.task import TASK_NAME, scoring_settings
 from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+#: KEYS[1] the caller's set of job refs. Drops refs whose record is gone or finished (and
+#: any older than a job can live), then adds ARGV[4] unless ARGV[3] (> 0) are left: -1.
+_COUNT_CALLER_JOB = """
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[2])
+local live = 0
+for _, ref in ipairs(redis.call('zrange', KEYS[1], 0, -1)) do
+  local key = ARGV[5] .. ref
+  if redis.call('exists', key) == 0 or redis.call('hget', key, 'finished') then
+    redis.call('zrem', KEYS[1], ref)
+  else
+    live = live + 1
+  end
+end
+if tonumber(ARGV[3]) > 0 and live >= tonumber(ARGV[3]) then return -1 end
+redis.call('zadd', KEYS[1], ARGV[1], ARGV[4])
+redis.call('expire', KEYS[1], ARGV[6])
+return live + 1
+"""
+
+
+def caller_jobs_key(owner: str) -> str:
+    """The Redis set of a caller's job refs (the owner is already a digest or "anonymous")."""
+    return "fhir-rerank:caller:" + hashlib.sha256(owner.encode("utf-8")).hexdigest()[:32]
+
+
 PREPARE_TTL_S = 600  # a record whose API process died while preparing it goes away
 
 
@@ -76,11 +103,23 @@ class CeleryJobRunner(JobRunner):
                   "submitted": f"{time.time():.3f}"}
         key = job_key(job_ref(job_id))
         try:
+            self._count_caller_job(owner, job_ref(job_id))
             with self.records.pipeline() as pipe:
                 pipe.hset(key, mapping=record).expire(key, PREPARE_TTL_S)
                 pipe.execute()
         except self._errors as exc:
             raise self._unavailable(exc) from None
+
+    def _count_caller_job(self, owner: str, ref: str) -> None:
+        """Count the job against its caller's `max_jobs_per_caller` (across API processes:
+        one set per caller in Redis, checked and added atomically); 429 when at the cap."""
+        cap = self.settings.max_jobs_per_caller
+        life = PREPARE_TTL_S + self.settings.result_expires + self.settings.task_time_limit
+        now = time.time()
+        held = self.records.eval(_COUNT_CALLER_JOB, 1, caller_jobs_key(owner), f"{now:.3f}",
+                                 f"{now - life:.3f}", str(cap), ref, JOB_KEY_PREFIX, str(life))
+        if int(held) < 0:
+            raise self._jobs_cap_error()
 
     def _set_stage(self, job_id: str, stage: str) -> None:
         from adapter.jobs.runners import JobCancelled
@@ -103,7 +142,12 @@ class CeleryJobRunner(JobRunner):
                job_id: str | None = None) -> str:
         if job_id is None:
             job_id = new_job_id()
-            self._create(job_id, model, owner)
+            self._sync_enter(owner, job_id)
+            try:
+                self._create(job_id, model, owner)
+            except BaseException:
+                self._sync_leave(job_id)
+                raise
         ref = job_ref(job_id)
         queue = queue_for_model(self.settings, model)
         envelope = seal(payload, self.settings.payload_key)
@@ -113,14 +157,15 @@ class CeleryJobRunner(JobRunner):
             if not self.records.exists(key):
                 return job_id  # cancelled while it was being prepared
             queued = redis_time(self.records)  # the worker stamps "started" on Redis' clock too
+            needs = scoring_settings(self.settings)  # a worker scores it only with these
             with self.records.pipeline() as pipe:
                 pipe.hset(key, mapping={"stage": "", "envelope": json.dumps(envelope),
-                                        "queued": f"{queued:.6f}"})
+                                        "queued": f"{queued:.6f}", "needs": json.dumps(needs)})
                 pipe.expire(key, ttl)
                 pipe.execute()
-            self.app.send_task(TASK_NAME, args=[envelope, model], task_id=ref,
-                               queue=rerank_queue(queue), argsrepr="(<payload>, model)",
-                               kwargsrepr="{}")
+            self.app.send_task(TASK_NAME, args=[envelope, model], kwargs={"needs": needs},
+                               task_id=ref, queue=rerank_queue(queue),
+                               argsrepr="(<payload>, model)", kwargsrepr="{}")
         except self._errors as exc:
             raise self._unavailable(exc) from None
         log.info("job %s queued on %s", ref[:12], queue)
@@ -205,6 +250,7 @@ class CeleryJobRunner(JobRunner):
             raise self._unavailable(exc) from None
 
     def forget(self, job_id: str) -> None:
+        self._sync_leave(job_id)
         ref = job_ref(job_id)
         try:
             self.records.delete(job_key(ref))

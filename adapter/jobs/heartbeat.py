@@ -216,8 +216,9 @@ def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
         record = client.hgetall(job_key(ref))
         if not record or record.get("finished") or not record.get("envelope"):
             continue  # cancelled, expired or answered meanwhile
+        needs = json.loads(record["needs"]) if record.get("needs") else None
         app.send_task(TASK_NAME, args=[json.loads(record["envelope"]), record["model"]],
-                      task_id=ref, queue=rerank_queue(record["queue"]),
+                      kwargs={"needs": needs}, task_id=ref, queue=rerank_queue(record["queue"]),
                       argsrepr="(<payload>, model)", kwargsrepr="{}")
         handed += 1
     if handed:
@@ -226,27 +227,69 @@ def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
     return handed
 
 
+def held_job_refs() -> list[str]:
+    """Refs of the rerank jobs this worker (main process) holds: received and waiting for a
+    pool process (the pool may still be loading its model), waiting for a retry, or running.
+    Celery drops a request from `state.requests` once it is done, whatever the outcome."""
+    from celery.worker import state
+
+    from adapter.jobs.task import TASK_NAME
+
+    for _ in range(3):
+        try:
+            return [req.id for req in list(state.requests.values())
+                    if getattr(req, "name", None) == TASK_NAME and req.id]
+        except RuntimeError:  # changed size while copied (the consumer thread): again
+            continue
+    return []
+
+
 class WorkerBeat:
-    """The worker's main-process thread: queue heartbeats and the stale-job check."""
+    """The worker's main-process thread: queue heartbeats, the heartbeat of every job this
+    worker holds, and the stale-job check.
+
+    It starts when the worker starts (`worker_init`), before the pool has loaded its models:
+    a job received meanwhile is in `fhir-rerank:running` at once (`hold`) and beaten each
+    round, so when the whole worker is killed before the job starts it goes stale and is
+    handed over like a running one. The queue heartbeats (what readiness counts) begin once
+    the worker consumes (`consuming()`, at `worker_ready`)."""
 
     def __init__(self, app: Any, settings: Settings, hostname: str, queues: list[str]) -> None:
         self.app, self.settings, self.hostname, self.queues = app, settings, hostname, queues
         self.client = _redis(settings)
+        self.is_consuming = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
 
     def beat(self) -> None:
         now = time.time()
+        held = held_job_refs()
         with self.client.pipeline() as pipe:
-            for queue in self.queues:
-                pipe.zadd(workers_key(queue), {self.hostname: now})
-                pipe.zremrangebyscore(workers_key(queue), "-inf", now - 3600)
+            if self.is_consuming:
+                for queue in self.queues:
+                    pipe.zadd(workers_key(queue), {self.hostname: now})
+                    pipe.zremrangebyscore(workers_key(queue), "-inf", now - 3600)
+            if held:
+                pipe.zadd(RUNNING_KEY, {ref: now for ref in held})
             pipe.execute()
 
-    def start(self) -> "WorkerBeat":
+    def hold(self, ref: str) -> None:
+        """A job was just received: its heartbeat starts now, not at the next round."""
+        try:
+            self.client.zadd(RUNNING_KEY, {ref: time.time()})
+        except Exception as exc:  # noqa: BLE001 - the next round beats it
+            log.warning("job heartbeat failed: %s", type(exc).__name__)
+
+    def start(self, consuming: bool = True) -> "WorkerBeat":
+        self.is_consuming = consuming
         self.beat()
         self._thread.start()
         return self
+
+    def consuming(self) -> None:
+        """The worker consumes its queues now: the queue heartbeats begin."""
+        self.is_consuming = True
+        self.beat()
 
     def _run(self) -> None:
         while not self._stop.wait(self.settings.job_heartbeat_interval):

@@ -27,11 +27,14 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from adapter.config import Settings
 from adapter.errors import NotFound
 from adapter.runtime import Runtime
+
+if TYPE_CHECKING:
+    from adapter.errors import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,9 @@ class JobRunner(ABC):
         self.runtime = runtime or Runtime(settings)
         self._preparers = ThreadPoolExecutor(max_workers=max(1, settings.prepare_workers),
                                              thread_name_prefix="prepare-job")
+        #: job id → (owner, since): the synchronous calls being answered in this process
+        self._sync_jobs: dict[str, tuple[str, float]] = {}
+        self._sync_lock = threading.Lock()
 
     @abstractmethod
     def submit(self, payload: dict[str, Any], model: str, owner: str,
@@ -122,6 +128,42 @@ class JobRunner(ABC):
     def forget(self, job_id: str) -> None:
         """Drop a job whose answer was already given (synchronous calls)."""
 
+    # --- per-caller caps (fairness) -------------------------------------------------------
+
+    def _jobs_cap_error(self) -> "AdapterError":
+        from adapter.errors import CallerBusy
+
+        cap = self.settings.max_jobs_per_caller
+        return CallerBusy(f"this caller already has {cap} unfinished jobs (max_jobs_per_caller "
+                          f"= {cap}); wait for one to finish (poll or DELETE its "
+                          "Content-Location) and retry", expression="max_jobs_per_caller",
+                          headers={"Retry-After": "5"})
+
+    def _sync_enter(self, owner: str, job_id: str) -> None:
+        """A synchronous call (`submit` of a new job: the caller waits for the answer) takes
+        one of the caller's `max_sync_per_caller` slots in this API process until the job is
+        forgotten, cancelled, or left to run on as a 202 (`wait`); 429 over the cap."""
+        from adapter.errors import CallerBusy
+
+        cap = self.settings.max_sync_per_caller
+        now = time.monotonic()
+        oldest = now - (self.settings.task_time_limit + self.settings.sync_wait + 60)
+        with self._sync_lock:  # an entry a failed call left behind lapses after that
+            held = sum(1 for who, since in self._sync_jobs.values()
+                       if who == owner and since > oldest)
+            if cap > 0 and held >= cap:
+                raise CallerBusy(
+                    f"this caller already has {cap} synchronous searches or reranks being "
+                    f"scored (max_sync_per_caller = {cap}); wait for one, or send `Prefer: "
+                    "respond-async` and poll", expression="max_sync_per_caller",
+                    headers={"Retry-After": "2"})
+            self._sync_jobs = {j: v for j, v in self._sync_jobs.items() if v[1] > oldest}
+            self._sync_jobs[job_id] = (owner, now)
+
+    def _sync_leave(self, job_id: str) -> None:
+        with self._sync_lock:
+            self._sync_jobs.pop(job_id, None)
+
     def start(self, prepare: Prepare, model: str, owner: str) -> str:
         """Answer with a job id at once; prepare (in this process) and rank in the background."""
         from adapter.errors import error_answer
@@ -147,13 +189,20 @@ class JobRunner(ABC):
         """Poll until the job is finished or `timeout` seconds passed; the last status."""
         deadline = time.monotonic() + timeout
         pause = 0.01
-        while True:
-            status = self.status(job_id, owner)
-            left = deadline - time.monotonic()
-            if status.finished or left <= 0:
-                return status
-            time.sleep(min(pause, left))
-            pause = min(pause * 1.5, 0.025)  # a finished job is seen within 25 ms
+        try:
+            while True:
+                status = self.status(job_id, owner)
+                left = deadline - time.monotonic()
+                if status.finished or left <= 0:
+                    break
+                time.sleep(min(pause, left))
+                pause = min(pause * 1.5, 0.025)  # a finished job is seen within 25 ms
+        except BaseException:
+            self._sync_leave(job_id)
+            raise
+        if not status.finished:  # answered 202: no longer a call in progress
+            self._sync_leave(job_id)
+        return status
 
     def close(self) -> None:
         """Release threads and connections."""
@@ -194,8 +243,12 @@ class InProcessJobRunner(JobRunner):
         self._lock = threading.Lock()
 
     def _create(self, job_id: str, model: str, owner: str) -> None:
+        cap = self.settings.max_jobs_per_caller
         with self._lock:
             self._purge()
+            if cap > 0 and sum(1 for job in self._jobs.values()
+                               if job.owner == owner and job.finished_at is None) >= cap:
+                raise self._jobs_cap_error()
             self._jobs[job_id] = _LocalJob(owner, model)
 
     def _local(self, job_id: str) -> _LocalJob | None:
@@ -217,7 +270,12 @@ class InProcessJobRunner(JobRunner):
                job_id: str | None = None) -> str:
         if job_id is None:
             job_id = new_job_id()
-            self._create(job_id, model, owner)
+            self._sync_enter(owner, job_id)
+            try:
+                self._create(job_id, model, owner)
+            except BaseException:
+                self._sync_leave(job_id)
+                raise
         job = self._local(job_id)
         if job is None:  # cancelled while it was being prepared
             return job_id
@@ -283,6 +341,7 @@ class InProcessJobRunner(JobRunner):
         self.forget(job_id)
 
     def forget(self, job_id: str) -> None:
+        self._sync_leave(job_id)
         with self._lock:
             job = self._jobs.pop(job_id, None)
         if job is not None:

@@ -28,6 +28,31 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "adapter.jobs.rerank"
 
+#: Settings that change what a job's scores are. The API sends its values with each job
+#: (`needs`); a worker whose values differ does not score it (see `rerank`). The device,
+#: batch size and CUDA graphs change speed, not the answer, and may differ per worker.
+SCORING_SETTINGS = ("reranker", "dtype", "max_length", "attention", "instruction",
+                    "long_documents", "max_chunks_per_doc", "overlap_tokens",
+                    "max_tokens_per_call", "remote_url", "remote_model")
+
+
+def scoring_settings(settings: Settings) -> dict[str, Any]:
+    """The values of SCORING_SETTINGS: what a job needs of the worker that scores it."""
+    return {name: getattr(settings, name) for name in SCORING_SETTINGS}
+
+
+def settings_differ(needs: dict[str, Any], settings: Settings) -> list[str]:
+    """The scoring settings whose value here differs from what a job needs, as
+    `name (API x, worker y)`; empty when this worker may score the job."""
+    mine = scoring_settings(settings)
+    out = []
+    for name in SCORING_SETTINGS:
+        if name in needs and needs[name] != mine[name]:
+            shown = (f"API {needs[name]!r:.40}, worker {mine[name]!r:.40}"
+                     if name not in ("instruction", "remote_url") else "values differ")
+            out.append(f"{name} ({shown})")
+    return out
+
 
 def rank_job(payload: dict[str, Any], model: str, runtime: Runtime,
              on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -94,9 +119,48 @@ def runtime_of(app: Celery) -> Runtime:
     return runtime
 
 
+#: seconds a worker whose scoring settings differ waits before it hands a job back
+BOUNCE_PAUSE_S = 0.2
+
+
+def _other_settings(task: Any, client: Any, ref: str, envelope: dict[str, Any], model: str,
+                    needs: dict[str, Any], since: float | None, differ: list[str],
+                    settings: Settings) -> dict[str, Any] | None:
+    """This worker's scoring settings differ from the job's: hand the job back to its queue
+    for another worker (None), for up to `job_stale_after` seconds from the first hand-back;
+    then the job's answer is a 503 naming the settings."""
+    from adapter.jobs.routing import rerank_queue
+
+    now = redis_time(client)
+    if since is None:
+        log.warning("job %s: this worker's scoring settings differ from the API's: %s; "
+                    "handed back to its queue for a worker with the API's settings",
+                    ref[:12], "; ".join(differ))
+        since = now
+    if now - since < settings.job_stale_after:
+        time.sleep(BOUNCE_PAUSE_S)  # another worker waiting on the queue takes it first
+        queue = client.hget(job_key(ref), "queue") or \
+            (task.request.delivery_info or {}).get("routing_key")
+        task.app.send_task(TASK_NAME, args=[envelope, model],
+                           kwargs={"needs": needs, "since": since}, task_id=ref,
+                           queue=rerank_queue(queue), argsrepr="(<payload>, model)",
+                           kwargsrepr="{}")
+        return None
+    return {"error": {"status": 503, "code": "transient", "expression": "model",
+                      "message": "no worker with the API's scoring settings took this job "
+                                 f"within job_stale_after = {settings.job_stale_after:g} s; "
+                                 f"the worker's differ: {'; '.join(differ)}. Give the API and "
+                                 "the workers the same settings (FHIR_RERANK_* or "
+                                 "FHIR_RERANK_CONFIG)"}}
+
+
 @shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
-def rerank(self: Any, envelope: dict[str, Any], model: str) -> dict[str, Any]:
-    """Rerank one prepared search. Returns {"result": sealed Bundle, "worker": hostname}."""
+def rerank(self: Any, envelope: dict[str, Any], model: str, needs: dict[str, Any] | None = None,
+           since: float | None = None) -> dict[str, Any]:
+    """Rerank one prepared search. Returns {"result": sealed Bundle, "worker": hostname}.
+
+    `needs`: the API's scoring settings (SCORING_SETTINGS); a worker whose own differ hands
+    the job back instead (`since`: when the first worker did)."""
     settings = _settings_of(self.app)
     ref = self.request.id  # the job's ref (a digest of its id), never the id itself
     client = self.app.backend.client
@@ -106,6 +170,20 @@ def rerank(self: Any, envelope: dict[str, Any], model: str) -> dict[str, Any]:
     # answered job's result is never overwritten.
     if not client.expire(key, settings.result_expires + settings.task_time_limit) or \
             self.backend.get_task_meta(ref, cache=False).get("status") == states.SUCCESS:
+        raise Ignore()
+    differ = settings_differ(needs, settings) if needs else []
+    if differ:
+        refused = _other_settings(self, client, ref, envelope, model, needs or {}, since,
+                                  differ, settings)
+        if refused is None:
+            raise Ignore()
+        refused["worker"] = self.request.hostname
+        with client.pipeline() as pipe:
+            pipe.hset(key, "finished", "1").hdel(key, "envelope")
+            pipe.expire(key, settings.result_expires)
+            pipe.execute()
+        self.backend.store_result(ref, refused, states.SUCCESS, request=self.request)
+        log.error("job %s failed: 503 transient (scoring settings differ)", ref[:12])
         raise Ignore()
     holder = f"{self.request.hostname}/{os.getpid()}"
     if not claim_lease(client, ref, holder, settings):

@@ -22,6 +22,7 @@ from adapter.config import Settings, load_settings
 from adapter.jobs.app import make_celery
 from adapter.jobs.heartbeat import WorkerBeat
 from adapter.jobs.routing import models_for_queues, queue_for_model, worker_queues
+from adapter.jobs.task import TASK_NAME
 from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def make_worker_app(settings: Settings | None = None) -> Celery:
 
     _quiet_task_results()
     signals.worker_init.connect(_remember_queues, weak=False, dispatch_uid="fhir-rerank-queues")
+    signals.worker_init.connect(_start_beat_early, weak=False,
+                                dispatch_uid="fhir-rerank-beat-early")
+    signals.task_received.connect(_job_received, weak=False, dispatch_uid="fhir-rerank-received")
     signals.worker_ready.connect(_start_beat, weak=False, dispatch_uid="fhir-rerank-beat")
     signals.worker_ready.connect(_say_key, weak=False, dispatch_uid="fhir-rerank-key")
     signals.worker_shutdown.connect(_stop_beat, weak=False, dispatch_uid="fhir-rerank-unbeat")
@@ -95,14 +99,35 @@ def _quiet_task_results() -> None:
 _beat: list[WorkerBeat] = []
 
 
-def _start_beat(sender: Any = None, **_: object) -> None:
-    """In the main process once the worker consumes: heartbeats and the stale-job check."""
+def _new_beat(sender: Any, consuming: bool) -> None:
     app = sender.app
     settings: Settings = getattr(app, "fhir_settings", None) or load_settings()
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
-    _beat.append(WorkerBeat(app, settings, sender.hostname, queues).start())
+    _beat.append(WorkerBeat(app, settings, sender.hostname, queues).start(consuming))
     log.info("worker heartbeat every %g s for queues %s", settings.job_heartbeat_interval,
              ",".join(queues))
+
+
+def _start_beat_early(sender: Any = None, **_: object) -> None:
+    """In the main process as the worker starts, before its pool has loaded the models: the
+    heartbeats of jobs it receives meanwhile, and the stale-job check."""
+    try:
+        _new_beat(sender, consuming=False)
+    except Exception as exc:  # noqa: BLE001 - worker_ready tries again
+        log.warning("could not start the worker heartbeat yet: %s", type(exc).__name__)
+
+
+def _job_received(request: Any = None, **_: object) -> None:
+    if _beat and request is not None and getattr(request, "name", None) == TASK_NAME:
+        _beat[0].hold(request.id)
+
+
+def _start_beat(sender: Any = None, **_: object) -> None:
+    """In the main process once the worker consumes: the queue heartbeats begin."""
+    if _beat:
+        _beat[0].consuming()
+    else:
+        _new_beat(sender, consuming=True)
 
 
 def _stop_beat(**_: object) -> None:
