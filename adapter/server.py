@@ -4,8 +4,10 @@
 (`OutcomeWorker`): requests gunicorn itself refuses before the app sees them (a malformed or
 over-long request line, too many or too large headers, a bad HTTP version) are answered with
 an OperationOutcome instead of gunicorn's HTML page, and logged without the request line
-(it may hold a patient id or a question). Workers, threads and timeouts come from the
-`server_*` settings, request limits from `max_request_line` / `max_header_*`.
+(it may hold a patient id or a question); and a body the app did not read (a 413) is read and
+dropped after the answer, within a bound, so that a client still sending gets that answer.
+Workers, threads and timeouts come from the `server_*` settings, request limits from
+`max_request_line` / `max_header_*`.
 
 Without `redis_url` jobs run in the API process, so `server_workers = 0` (auto) starts one
 server process: a job polled through another process would not be found there. An explicit
@@ -104,8 +106,50 @@ def _close_gently(sock: socket.socket, budget_s: float = 1.0, max_bytes: int = 1
         pass
 
 
+def discard_body(body: Any, sock: socket.socket, max_bytes: int, budget_s: float) -> bool:
+    """Read and drop what is left of a request body (at most `max_bytes`, `budget_s`
+    seconds); True when it was read to its end."""
+    deadline, drained, prior = time.monotonic() + budget_s, 0, None
+    try:
+        if sock.fileno() < 0:
+            return False  # gunicorn closed it already (an error while answering)
+        prior = sock.gettimeout()
+        while drained <= max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            sock.settimeout(remaining)
+            data = body.read(65536)
+            if not data:
+                return True
+            drained += len(data)
+        return False
+    except Exception:  # a malformed chunk, a timeout, a client gone: the connection closes
+        return False
+    finally:
+        try:
+            sock.settimeout(prior)
+        except OSError:
+            pass
+
+
 class OutcomeWorker(ThreadWorker):
     """gunicorn's threaded worker, answering its own refusals as FHIR OperationOutcomes."""
+
+    #: A body the app did not read (a 413 answered from Content-Length alone) is read and
+    #: dropped after the answer, up to this many bytes and seconds: closing with unread input
+    #: resets the connection, and a client still sending would lose the answer. Beyond the
+    #: bound the connection closes (gunicorn's own drain is 64 KiB).
+    DISCARD_BYTES = 64 << 20
+    DISCARD_SECONDS = 5.0
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        keepalive = super().handle_request(req, conn)
+        body = getattr(req, "body", None)
+        if body is None or discard_body(body, conn.sock, self.DISCARD_BYTES,
+                                        self.DISCARD_SECONDS):
+            return keepalive
+        return False
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         from adapter.metrics import REQUESTS
