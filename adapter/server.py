@@ -143,13 +143,23 @@ class OutcomeWorker(ThreadWorker):
     DISCARD_BYTES = 64 << 20
     DISCARD_SECONDS = 5.0
 
+    #: after a request body of at least this many bytes, free memory goes back to the system
+    TRIM_AFTER_BYTES = 64 << 10
+
     def handle_request(self, req: Any, conn: Any) -> bool:
         keepalive = super().handle_request(req, conn)
         body = getattr(req, "body", None)
-        if body is None or discard_body(body, conn.sock, self.DISCARD_BYTES,
-                                        self.DISCARD_SECONDS):
-            return keepalive
-        return False
+        drained = body is None or discard_body(body, conn.sock, self.DISCARD_BYTES,
+                                               self.DISCARD_SECONDS)
+        try:
+            length = int(next((v for k, v in getattr(req, "headers", ())
+                               if k.upper() == "CONTENT-LENGTH"), 0))
+        except ValueError:
+            length = 0
+        if length >= self.TRIM_AFTER_BYTES or any(
+                k.upper() == "TRANSFER-ENCODING" for k, _ in getattr(req, "headers", ())):
+            release_free_memory()
+        return keepalive and drained
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         from adapter.metrics import REQUESTS
@@ -280,6 +290,17 @@ def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, A
         "post_fork": lambda _arbiter, worker: _booting.update(worker=worker),
         "child_exit": lambda _arbiter, worker: mark_process_dead(worker.pid),
     }
+
+
+def release_free_memory() -> None:
+    """Give memory the allocator holds free back to the system (glibc `malloc_trim`): a large
+    request's buffers, once freed, otherwise stay in the process's RSS. A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:

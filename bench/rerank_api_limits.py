@@ -7,7 +7,8 @@ query, a 40,000-word instruction, 1,000 two-word documents; tests/request_costs.
 (max_question_chars / max_instruction_chars at 1,000,000, so the request reaches the token
 limit, counted by the engine). CPU seconds are the server process tree's user + system time
 from /proc; peak RSS is VmHWM after resetting it (/proc/PID/clear_refs) just before the
-request. `--server-root` runs the server from another checkout (e.g. `git worktree add
+request, RSS after one second past the answer; the amplification request is sent
+`--repeat` times in a row. `--server-root` runs the server from another checkout (e.g. `git worktree add
 /tmp/old 1717c6b`) to measure the code before a change; one run measures one code version.
 
     python bench/rerank_api_limits.py --json bench/results/rerank_api_limits.json
@@ -19,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,7 @@ from adapter.config import settings_env  # noqa: E402
 from fixtures_jobs import free_port  # noqa: E402
 from fixtures_model import tiny_checkpoint  # noqa: E402
 from request_costs import (amplification_body, body_bytes, cpu_seconds, peak_rss_mb,  # noqa: E402
-                           reset_peaks, rss_mb)
+                           reset_peaks, rss_mb, tree)
 
 SERVERS = {"defaults": {},
            "chars-raised": {"max_question_chars": 1_000_000,
@@ -63,6 +65,22 @@ def start(server_root: Path, settings: dict, log: Path) -> tuple[subprocess.Pope
     raise RuntimeError(f"serve did not start: {log.read_text()[-2000:]}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the server; its worker too, even when it is still busy with a request."""
+    pids = tree(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+
+
 def measure(proc: subprocess.Popen, url: str, name: str, raw: bytes, timeout: float) -> dict:
     reset_peaks(proc.pid)
     rss_before, cpu_before = rss_mb(proc.pid), cpu_seconds(proc.pid)
@@ -89,6 +107,8 @@ def main() -> None:
                         help="checkout whose adapter package the server runs")
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="amplification requests in a row (does RSS keep growing?)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model = str(tiny_checkpoint())
@@ -104,13 +124,14 @@ def main() -> None:
         try:
             measure(proc, url, "warm-up", requests_["small (2 docs)"], args.timeout)
             for name, raw in requests_.items():
-                row = {"server": server, **measure(proc, url, name, raw, args.timeout)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for attempt in range(1, (args.repeat if name == "amplification" else 1) + 1):
+                    row = {"server": server, "attempt": attempt,
+                           **measure(proc, url, name, raw, args.timeout)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
         finally:
-            proc.terminate()
-            proc.wait(30)
-    head = ("server", "request", "body_bytes", "status", "wall_s", "server_cpu_s",
+            stop(proc)
+    head = ("server", "request", "attempt", "body_bytes", "status", "wall_s", "server_cpu_s",
             "rss_before_mb", "peak_rss_mb", "rss_after_mb")
     print("\n" + " | ".join(head))
     for row in rows:

@@ -47,8 +47,9 @@ def chunk_starts(doc_tokens: int, room: int, overlap: int, max_chunks: int) -> l
     return starts
 
 
-def too_many_tokens(tokens: int, limit: int, what: str) -> TooLarge:
-    return TooLarge(f"{what} come to {tokens} prompt tokens, more than the {limit} allowed per "
+def too_many_tokens(tokens: int, limit: int, what: str, at_least: bool = False) -> TooLarge:
+    return TooLarge(f"{what} come to {'at least ' if at_least else ''}{tokens} prompt tokens, "
+                    f"more than the {limit} allowed per "
                     "call (max_tokens_per_call); send fewer or shorter documents, or a shorter "
                     "query or instruction", expression="documents")
 
@@ -92,7 +93,7 @@ def build_rows(tokenizer: Any, prefix_ids: list[int], suffix_ids: list[int], max
     if limit is not None and len(texts) * (fixed + min(room, n_shared)) > limit:
         raise too_many_tokens(len(texts) * (fixed + min(room, n_shared)), limit,
                               f"the query and instruction ({n_shared} tokens) in front of each "
-                              f"of the {len(texts)} documents")
+                              f"of the {len(texts)} documents", at_least=True)
     tails = [doc_head + t for t in texts]
     encoded = tokenizer(tails, padding=False, truncation=False,
                         return_attention_mask=False)["input_ids"] if tails else []
