@@ -129,14 +129,14 @@ def test_the_amplification_request_is_refused_before_any_work(served):
     raw = body_bytes(amplification_body())
     pid = served.proc.pid
     post_raw(served.port, b"/v1/rerank", b'{"query": "q", "documents": ["a"]}')  # warm
-    reset_peaks(pid)
+    peaks = reset_peaks(pid)  # False where /proc/PID/clear_refs may not be written
     rss_before, cpu_before = rss_mb(pid), cpu_seconds(pid)
     status, err = check_api_error(post_raw(served.port, b"/v1/rerank", raw))
     cpu = cpu_seconds(pid) - cpu_before
     assert status == 400 and err["error"]["code"] == "query_too_long", err
     assert "max_question_chars = 2000" in err["message"]
     assert cpu < 5, cpu
-    assert peak_rss_mb(pid) - rss_before < 100
+    assert (peak_rss_mb(pid) if peaks else rss_mb(pid)) - rss_before < 100
     raw = body_bytes({**amplification_body(query_words=20), "documents": ["a"]})
     status, err = check_api_error(post_raw(served.port, b"/v2/rerank", raw))
     assert status == 400 and err["error"]["code"] == "instruction_too_long", err
