@@ -17,9 +17,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from adapter.api.identity import caller_identity
-from adapter.api.params import json_depth
 from adapter.api.rerank_jobs import format_answer, models_list, parse_rerank_request
 from adapter.api.state import state
+from adapter.api.params import json_depth
 from adapter.errors import AdapterError, BadRequest, UpstreamTimeout, Unauthorized
 from adapter.metrics import QUEUE_WAIT
 from adapter.rerank.usage import Usage, count_usage, format_usd
