@@ -4,8 +4,10 @@
 (`OutcomeWorker`): requests gunicorn itself refuses before the app sees them (a malformed or
 over-long request line, too many or too large headers, a bad HTTP version) are answered with
 an OperationOutcome instead of gunicorn's HTML page, and logged without the request line
-(it may hold a patient id or a question). Workers, threads and timeouts come from the
-`server_*` settings, request limits from `max_request_line` / `max_header_*`.
+(it may hold a patient id or a question); and a body the app did not read (a 413) is read and
+dropped after the answer, within a bound, so that a client still sending gets that answer.
+Workers, threads and timeouts come from the `server_*` settings, request limits from
+`max_request_line` / `max_header_*`.
 
 Without `redis_url` jobs run in the API process, so `server_workers = 0` (auto) starts one
 server process: a job polled through another process would not be found there. An explicit
@@ -200,6 +202,33 @@ def _without_expect(data: bytes) -> bytes:
     return b"\r\n".join(kept) + data[end:]
 
 
+def discard_body(body: Any, sock: socket.socket, max_bytes: int, budget_s: float) -> bool:
+    """Read and drop what is left of a request body (at most `max_bytes`, `budget_s`
+    seconds); True when it was read to its end."""
+    deadline, drained, prior = time.monotonic() + budget_s, 0, None
+    try:
+        if sock.fileno() < 0:
+            return False  # gunicorn closed it already (an error while answering)
+        prior = sock.gettimeout()
+        while drained <= max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            sock.settimeout(remaining)
+            data = body.read(65536)
+            if not data:
+                return True
+            drained += len(data)
+        return False
+    except Exception:  # a malformed chunk, a timeout, a client gone: the connection closes
+        return False
+    finally:
+        try:
+            sock.settimeout(prior)
+        except OSError:
+            pass
+
+
 class OutcomeWorker(ThreadWorker):
     """gunicorn's threaded worker, answering its own refusals as FHIR OperationOutcomes, and
     buffering each request before a thread serves it.
@@ -322,6 +351,31 @@ class OutcomeWorker(ThreadWorker):
             conn.parser.unreader.unread(data)
             conn.data_ready = True
         return super().handle(conn)
+
+    #: A body the app did not read (a 413 answered from Content-Length alone) is read and
+    #: dropped after the answer, up to this many bytes and seconds: closing with unread input
+    #: resets the connection, and a client still sending would lose the answer. Beyond the
+    #: bound the connection closes (gunicorn's own drain is 64 KiB).
+    DISCARD_BYTES = 64 << 20
+    DISCARD_SECONDS = 5.0
+
+    #: after a request body of at least this many bytes, free memory goes back to the system
+    TRIM_AFTER_BYTES = 64 << 10
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        keepalive = super().handle_request(req, conn)
+        body = getattr(req, "body", None)
+        drained = body is None or discard_body(body, conn.sock, self.DISCARD_BYTES,
+                                               self.DISCARD_SECONDS)
+        try:
+            length = int(next((v for k, v in getattr(req, "headers", ())
+                               if k.upper() == "CONTENT-LENGTH"), 0))
+        except ValueError:
+            length = 0
+        if length >= self.TRIM_AFTER_BYTES or any(
+                k.upper() == "TRANSFER-ENCODING" for k, _ in getattr(req, "headers", ())):
+            release_free_memory()
+        return keepalive and drained
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         from adapter.metrics import REQUESTS
@@ -455,6 +509,17 @@ def gunicorn_options(settings: Settings, log_level: str = "info") -> dict[str, A
         "post_fork": lambda _arbiter, worker: _booting.update(worker=worker),
         "child_exit": lambda _arbiter, worker: mark_process_dead(worker.pid),
     }
+
+
+def release_free_memory() -> None:
+    """Give memory the allocator holds free back to the system (glibc `malloc_trim`): a large
+    request's buffers, once freed, otherwise stay in the process's RSS. A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:

@@ -1,6 +1,10 @@
 """The one place errors become answers (no view builds error JSON by hand): an
-OperationOutcome for the FHIR routes, `{"error": {"message", "type", "code"}}` for the
-rerank API (`/rerank`, `/v1/rerank`, `/v2/rerank`, `/v1/models`)."""
+OperationOutcome for the FHIR routes; for the rerank API (`/rerank`, `/v1/rerank`,
+`/v2/rerank`, `/v1/models`) one JSON object in the shapes its clients read:
+`{"message": ..., "detail": ..., "error": {"message", "type", "code"}}` (`message`: Cohere's
+API; `detail`: Jina's, whose LangChain/LlamaIndex clients raise `RuntimeError(resp["detail"])`;
+`error`: vLLM / OpenAI-style). The Cohere SDK raises its typed error per status
+(`BadRequestError` …) with this body as `body`."""
 from __future__ import annotations
 
 import logging
@@ -47,11 +51,28 @@ _API_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 def api_error_response(status: int, message: str, code: str,
                        headers: dict[str, str] | None = None) -> Response:
-    """The rerank API's error answer (the shape OpenAI-style clients read)."""
+    """The rerank API's error answer (the shapes Cohere, Jina and OpenAI-style clients read:
+    see the module doc)."""
     kind = _API_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    body = {"error": {"message": message, "type": kind, "code": code.replace("-", "_")}}
+    body = {"message": message, "detail": message,
+            "error": {"message": message, "type": kind, "code": code.replace("-", "_")}}
     return Response(json.dumps(body), status=status, headers=headers or {},
                     content_type="application/json")
+
+
+def _unreadable_body(exc: Exception) -> bool:
+    """True for gunicorn's errors while the app reads the body (a malformed chunk, a trailer
+    or a client gone mid-body): the caller's fault, a 400, never a 500."""
+    try:
+        from gunicorn.http import errors as http_errors
+    except ImportError:  # pragma: no cover - gunicorn is a dependency; --dev runs werkzeug
+        return False
+    return isinstance(exc, (http_errors.ParseException, http_errors.NoMoreData))
+
+
+BODY_UNREADABLE = ("the request body could not be read: its chunked encoding is malformed or "
+                   "it ended early; send the body whole, with Content-Length or well-formed "
+                   "chunks")
 
 
 def _for_rerank_api() -> bool:
@@ -75,6 +96,10 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "invalid" if status < 500 else "exception")
         message = exc.description or exc.name
+        if status == 413:
+            message = (f"the request body is larger than max_body_bytes = "
+                       f"{current_app.config.get('MAX_CONTENT_LENGTH')} bytes; send less or "
+                       "raise the setting")
         if _for_rerank_api():
             return api_error_response(status, message, code)
         headers: dict[str, str] = {}
@@ -85,14 +110,15 @@ def register_error_handlers(app: Flask) -> None:
             allowed = ", ".join(getattr(exc, "valid_methods", None) or [])
             message = f"{request.method} is not allowed here; allowed: {allowed}"
             headers["Allow"] = allowed
-        elif status == 413:
-            message = (f"the request body is larger than max_body_bytes = "
-                       f"{current_app.config.get('MAX_CONTENT_LENGTH')} bytes; send less or "
-                       "raise the setting")
         return outcome_response(status, code, message, headers=headers)
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> Response:
+        if _unreadable_body(exc):
+            log.info("answered 400: unreadable request body (%s)", type(exc).__name__)
+            if _for_rerank_api():
+                return api_error_response(400, BODY_UNREADABLE, "invalid_body")
+            return outcome_response(400, "invalid", BODY_UNREADABLE)
         answer = error_answer(exc)
         if _for_rerank_api():
             return api_error_response(answer.status, answer.message, answer.code)

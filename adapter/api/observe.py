@@ -5,7 +5,7 @@ every log line written while serving it (`log_format = json`). A caller's own X-
 is not reused: it is the caller's free text, and could name a patient.
 The access log names the method, the path with patient ids masked (never the query string),
 the status and the duration. Metrics label by route template (`/fhir/<resource_type>`), never
-by the path itself.
+by the path itself, and by a method from a fixed set (any other method is "other").
 """
 from __future__ import annotations
 
@@ -21,9 +21,19 @@ from adapter.metrics import REQUEST_SECONDS, REQUESTS
 access_log = logging.getLogger("adapter.access")
 
 
+#: the methods a metric may name; any other method (the caller's free text) counts as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
 def _route_template() -> str:
     rule = request.url_rule
     return rule.rule if rule is not None else "unmatched"
+
+
+def method_label(method: str) -> str:
+    """A metrics label for the request method from a fixed set: the method is whatever the
+    caller wrote, and one label per odd method would grow /metrics without bound."""
+    return method if method in METHODS else "other"
 
 
 def register_request_hooks(app: Flask) -> None:
@@ -40,8 +50,8 @@ def register_request_hooks(app: Flask) -> None:
         started = g.get("request_started")
         elapsed = time.perf_counter() - started if started is not None else 0.0
         route, method = _route_template(), request.method
-        REQUESTS.labels(route, method, str(response.status_code)).inc()
-        REQUEST_SECONDS.labels(route, method).observe(elapsed)
+        REQUESTS.labels(route, method_label(method), str(response.status_code)).inc()
+        REQUEST_SECONDS.labels(route, method_label(method)).observe(elapsed)
         path = redact_path(request.path)
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id

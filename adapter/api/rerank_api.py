@@ -3,20 +3,24 @@
 
 Each call is one job on the same machinery as the FHIR searches (Celery queue per tier, or
 the in-process pool); the call waits for it (up to `task_time_limit`). Bearer keys from
-`api_keys` guard these routes when set. Errors are `{"error": {"message", "type", "code"}}`
-(built in adapter.api.errors, like every other error answer).
+`api_keys` guard these routes when set. Errors are
+`{"message", "detail", "error": {"message", "type", "code"}}` (what Cohere, Jina and
+OpenAI-style clients read; built in adapter.api.errors, like every other error answer).
 """
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from adapter.identity import caller_identity
 from adapter.api.rerank_jobs import format_answer, models_list, parse_rerank_request
 from adapter.api.state import state
-from adapter.errors import AdapterError, UpstreamTimeout, Unauthorized
+from adapter.api.params import json_depth
+from adapter.errors import AdapterError, BadRequest, UpstreamTimeout, Unauthorized
 from adapter.metrics import QUEUE_WAIT
 from adapter.rerank.usage import Usage, count_usage, format_usd
 
@@ -42,10 +46,28 @@ def _check_api_key() -> None:
                            headers={"WWW-Authenticate": "Bearer"})
 
 
+def parse_api_body(raw: bytes, max_depth: int) -> Any:
+    """The body as JSON, None when it is not JSON (`parse_rerank_request` says so); nesting
+    deeper than `max_depth` is a 400 before the parser recurses (a rerank body needs 3)."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise BadRequest(f"the JSON body nests {depth} levels, more than max_json_depth = "
+                         f"{max_depth}; a rerank request needs 3 (documents as objects)",
+                         expression="body", api_code="invalid_json")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _rerank(route: str) -> Response:
     app_state = state()
     settings = app_state.settings
-    body = request.get_json(force=True, silent=True)
+    body = parse_api_body(request.get_data(cache=False), settings.max_json_depth)
     payload = parse_rerank_request(body, route, settings)
     jobs, owner = app_state.jobs, caller_identity(request.headers.get("Authorization"))
     job_id = jobs.submit(payload, payload["model"], owner)

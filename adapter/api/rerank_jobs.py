@@ -43,6 +43,15 @@ def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
     return value
 
 
+def _check_chars(name: str, value: str, limit: int, setting: str) -> None:
+    """Query and instruction go in front of every document: their length is checked first,
+    from characters (free to count), before anything is tokenized or queued."""
+    if len(value) > limit:
+        raise _bad(f"`{name}` is {len(value)} characters, more than {setting} = {limit}; "
+                   f"send a shorter {name} (or raise {setting} on the server)", name,
+                   f"{name}_too_long")
+
+
 def _document_texts(body: dict[str, Any], settings: Settings) -> list[str]:
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:
@@ -92,10 +101,14 @@ def parse_rerank_request(body: Any, route: str, settings: Settings) -> dict[str,
     if not isinstance(query, str) or not query.strip():
         raise _bad("`query` is empty; give the text to rank the documents by", "query",
                    "empty_query")
-    texts = _document_texts(body, settings)
+    _check_chars("query", query, settings.max_question_chars, "max_question_chars")
     instruction = body.get("instruction")
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
         raise _bad("`instruction` must be a non-empty string", "instruction", "invalid_value")
+    if instruction is not None:
+        _check_chars("instruction", instruction, settings.max_instruction_chars,
+                     "max_instruction_chars")
+    texts = _document_texts(body, settings)
     return_documents = body.get("return_documents", False)
     if not isinstance(return_documents, bool):
         raise _bad("`return_documents` must be true or false", "return_documents",

@@ -43,7 +43,10 @@ PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements
           "Query and the Instruct provided. Note that the answer can only be \"yes\" or \"no\"."
           "<|im_end|>\n<|im_start|>user\n")
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+#: the body: the part every document shares (tokenized once per call), then the document's
+SHARED = "<Instruct>: {instruction}\n<Query>: {query}\n"
+DOC_HEAD = "<Document>: "
+BODY = SHARED + DOC_HEAD + "{doc}"
 DEFAULT_INSTRUCTION = ("Given a clinician's question about a patient, retrieve the parts of the "
                        "patient's record that answer it")
 YES_ID, NO_ID = 9693, 2152
@@ -402,9 +405,9 @@ class Qwen3Reranker(Reranker):
         """The prompt rows to score: (prefix, body, suffix) per document, a long document as
         overlapping token-exact chunks (or truncated on the right), and what was cut."""
         lm = self.loaded
-        header = BODY.format(instruction=instruction or self.instruction, query=query, doc="")
+        shared = SHARED.format(instruction=instruction or self.instruction, query=query)
         return build_rows(lm.tokenizer, lm.prefix_ids, lm.suffix_ids, self.max_length,
-                          [header] * len(texts), texts, options or self.options)
+                          shared, DOC_HEAD, texts, options or self.options)
 
     def score(self, query: str, texts: list[str], instruction: str | None = None, *,
               on_progress: Callable[[int, int], None] | None = None,
