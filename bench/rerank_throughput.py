@@ -264,12 +264,12 @@ def executed_tokens(tokenizer, docs: list[str], max_length: int) -> tuple[int, d
     its rows (as `Qwen3Reranker.encode_pairs` builds them, long documents truncated) share a
     prefix it computes once (`Qwen3Reranker._score_sequences`)."""
     from adapter.rerank.chunking import build_rows
-    from adapter.rerank.qwen3 import BODY, PREFIX, SUFFIX, _longest_common_prefix
+    from adapter.rerank.qwen3 import DOC_HEAD, PREFIX, SHARED, SUFFIX, _longest_common_prefix
 
-    header = BODY.format(instruction=DEFAULT_INSTRUCTION, query=QUERY, doc="")
+    shared = SHARED.format(instruction=DEFAULT_INSTRUCTION, query=QUERY)
     rows = build_rows(tokenizer, tokenizer.encode(PREFIX, add_special_tokens=False),
                       tokenizer.encode(SUFFIX, add_special_tokens=False), max_length,
-                      [header] * len(docs), docs, ScoreOptions(long_documents="truncate")).rows
+                      shared, DOC_HEAD, docs, ScoreOptions(long_documents="truncate")).rows
     shared = min(_longest_common_prefix(rows), min(len(r) for r in rows) - 1)
     fed = sum(len(r) for r in rows)
     executed = fed - shared * (len(rows) - 1)

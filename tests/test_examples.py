@@ -17,7 +17,9 @@ from adapter.config import load_settings
 from adapter.fhir.flatten import flatten_resource
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+# the README and the docs it links to: an example moved into docs/ is still run as printed
+README = "\n".join(p.read_text(encoding="utf-8") for p in
+                   [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 MAKEFILE = (ROOT / "Makefile").read_text(encoding="utf-8")
 ARROW = re.compile(r"#\s*(?:→|->)\s*(.*)")
 
