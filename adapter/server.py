@@ -299,8 +299,11 @@ class OutcomeWorker(ThreadWorker):
             return
         except OSError:
             data = b""
-        if not data:  # the client left before its request was whole
+        if not data:  # the client sent all it will before its request was whole
             self._forget(conn)
+            if conn.fr_buf:  # half-closed after part of a request: gunicorn's parser and the
+                self._hand_over(conn)  # app answer the incomplete request (a 400), not silence
+                return
             self.nr_conns -= 1
             conn.close()
             return
