@@ -7,7 +7,8 @@ cores, so conftest starts it in the background as soon as collection shows a tes
 (`start_early`), and only those tests wait for it. When it cannot start, they fail with the
 server's own log, never skip.
 
-`make hapi HAPI_PORT=8090` runs the same launcher in the foreground.
+`make hapi HAPI_PORT=8090` runs the same launcher in the foreground; `HAPI_TEST_SERVER_URL=
+http://127.0.0.1:8090/fhir pytest ...` makes the tests use it instead of starting their own.
 """
 from __future__ import annotations
 
@@ -88,8 +89,14 @@ class HapiFhirServer:
         self._error: str | None = None
 
     def start(self) -> None:
-        """Launch in the background and return at once; `wait_ready()` blocks."""
-        if self._process is not None:
+        """Launch in the background and return at once; `wait_ready()` blocks. With
+        HAPI_TEST_SERVER_URL set (a `make hapi` server already running), use that instead."""
+        if self._process is not None or self.base_url is not None:
+            return
+        if os.environ.get("HAPI_TEST_SERVER_URL"):
+            self.base_url = os.environ["HAPI_TEST_SERVER_URL"].rstrip("/")
+            self.version = requests.get(f"{self.base_url}/metadata", timeout=HTTP_TIMEOUT_S,
+                                        headers={"Accept": "application/fhir+json"}).json()["software"]["version"]
             return
         self._started_at = time.monotonic()
         try:
@@ -123,6 +130,8 @@ class HapiFhirServer:
             return self.base_url
         if self._process is None and self._error is None:
             self.start()
+            if self.base_url is not None:  # HAPI_TEST_SERVER_URL
+                return self.base_url
         remaining = START_TIMEOUT_S - (time.monotonic() - self._started_at)
         self._ready.wait(max(remaining, 1.0))
         if self._error is not None:
@@ -154,6 +163,8 @@ class HapiFhirServer:
 
     def stop(self) -> None:
         """SIGTERM (Spring closes HAPI cleanly), SIGKILL after 30 s."""
+        if self._process is None and os.environ.get("HAPI_TEST_SERVER_URL"):
+            return  # not ours to stop
         if self._process is not None:
             if self._process.poll() is None:
                 self._process.terminate()
@@ -224,17 +235,18 @@ def bulk_resources(patient_ids: list[str]) -> list[dict]:
     return found
 
 
-def _is_dangling(value: object, keep: set[str]) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("reference"), str)
-            and "/" in value["reference"] and value["reference"] not in keep)
-
-
 def _drop_references(node: object, keep: set[str]) -> object:
-    if isinstance(node, dict):
-        return {k: _drop_references(v, keep) for k, v in node.items() if not _is_dangling(v, keep)}
+    """A copy without the `reference` of any Reference to something not loaded (its
+    `display` stays, so the flattened text is the same on both servers)."""
     if isinstance(node, list):
-        return [_drop_references(v, keep) for v in node if not _is_dangling(v, keep)]
-    return node
+        return [v for v in (_drop_references(v, keep) for v in node) if v != {}]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _drop_references(v, keep) for k, v in node.items()}
+    ref = out.get("reference")
+    if isinstance(ref, str) and not ref.startswith("#") and ref not in keep:
+        del out["reference"]
+    return {k: v for k, v in out.items() if v != {}}
 
 
 # One server per pytest process, started early by conftest (start_early) or on first use.
@@ -244,8 +256,17 @@ HAPI = HapiFhirServer()
 def start_early(items: list[pytest.Item]) -> None:
     """Called from conftest once collection is done: launch HAPI in the background when a
     collected test uses it, so its minute of JVM start overlaps the rest of the suite."""
-    if any("hapi_fhir_server" in getattr(item, "fixturenames", ()) for item in items):
+    if any(needs_hapi(item) for item in items):
         HAPI.start()
+
+
+def needs_hapi(item: pytest.Item) -> bool:
+    """A test that asks for HAPI's fixtures, or is a `hapi-jpa` case of a parametrised
+    fixture that picks its server by name (test_servers_e2e.upstream)."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    return bool(names & {"hapi_fhir_server", "hapi_fhir"}) or (
+        callspec is not None and "hapi-jpa" in callspec.params.values())
 
 
 def stop_at_end() -> None:
