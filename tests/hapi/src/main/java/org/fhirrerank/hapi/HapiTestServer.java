@@ -48,6 +48,7 @@ public class HapiTestServer {
 
 	public static void main(String[] args) {
 		long started = System.nanoTime();
+		checkPortIsFree(args);
 		long timeoutS = Long.getLong("hapi.startup-timeout-s", startupTimeoutFromArgs(args));
 		Thread watchdog = new Thread(() -> {
 			try {
@@ -86,6 +87,26 @@ public class HapiTestServer {
 				root = root.getCause();
 			}
 			System.err.println("HAPI test server failed to start: " + root);
+			System.exit(2);
+		}
+	}
+
+	/** Fail in a second, not after HAPI's minute of start-up, when the port is taken. */
+	private static void checkPortIsFree(String[] args) {
+		int port = 8090;
+		for (String arg : args) {
+			if (arg.startsWith("--server.port=")) {
+				port = Integer.parseInt(arg.substring(arg.indexOf('=') + 1));
+			}
+		}
+		if (port == 0) {
+			return;
+		}
+		try (java.net.ServerSocket probe = new java.net.ServerSocket()) {
+			probe.bind(new java.net.InetSocketAddress("127.0.0.1", port));
+		} catch (java.io.IOException e) {
+			System.err.println("HAPI test server failed to start: port " + port
+					+ " on 127.0.0.1 is in use (" + e.getMessage() + "); pick another with HAPI_PORT=...");
 			System.exit(2);
 		}
 	}
