@@ -143,7 +143,12 @@ class HapiFhirServer:
         if self._error is not None:
             raise RuntimeError(self._error)
         if not self._found:
-            code = self._process.poll() if self._process else None
+            code = None
+            if self._process is not None:
+                try:  # the output ended: the JVM is exiting, wait for its code
+                    code = self._process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    code = None
             why = (f"the JVM exited with {code}" if code is not None
                    else f"not ready {time.monotonic() - self._started_at:.0f} s after launch")
             self.stop_with_error(why)
