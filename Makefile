@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := tests/fhir_server/node_modules/.installed
 BROWSER_STAMP := tests/browser/node_modules/.installed
 PORT ?= 8080
+HAPI_PORT ?= 8090
+HAPI_JAR := tests/hapi/target/hapi-test-server.jar
 DEMO_PATIENT := 79a66c97-6131-3213-f3c9-4606946ab056
 PYTEST_ARGS ?=
 # The demo looks for Qwen3 weights in the local Hugging Face cache only (no hub retries when
 # offline); `make demo HF_HUB_OFFLINE=0` lets transformers download them.
 HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test setup node redis browser chromium bench clean
+.PHONY: demo test setup node redis browser chromium bench clean hapi hapi-jar
 
 setup: $(STAMP)
 
@@ -61,11 +63,24 @@ demo: setup
 	HF_HUB_OFFLINE=$(HF_HUB_OFFLINE) FHIR_RERANK_ALLOW_KEYWORD_FALLBACK=true FHIR_RERANK_SMART_STANDIN=true \
 	  $(VENV)/bin/fhir-rerank serve --port $(PORT)
 
-test: setup node redis browser
+test: setup node redis browser hapi-jar
 	SMART_APP_BROWSER=required $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup node
 	$(PY) bench/e2e.py
 
+# A real HAPI FHIR JPA server (R4, full text on, in-memory H2 + Lucene) built from tests/hapi/:
+# `make hapi HAPI_PORT=8090` serves http://127.0.0.1:8090/fhir in the foreground (Ctrl-C stops
+# it). Maven's downloads stay in ~/.m2; the jar is rebuilt only when tests/hapi/ changes.
+hapi-jar: $(HAPI_JAR)
+
+$(HAPI_JAR): tests/hapi/pom.xml $(shell find tests/hapi/src -type f 2>/dev/null)
+	@command -v mvn >/dev/null 2>&1 || { echo "make hapi-jar needs Maven 3 and Java 17 (apt-get install maven openjdk-17-jdk-headless)"; exit 1; }
+	cd tests/hapi && { mvn -B -q package || { echo "mvn package failed; retrying once"; mvn -B -q package; }; }
+	touch $(HAPI_JAR)
+
+hapi: hapi-jar
+	java -Xmx1g -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -jar $(HAPI_JAR) --server.port=$(HAPI_PORT)
+
 clean:
-	rm -rf $(VENV) tests/fhir_server/node_modules tests/browser/node_modules tests/.tiny-model
+	rm -rf $(VENV) tests/fhir_server/node_modules tests/browser/node_modules tests/.tiny-model tests/hapi/target

@@ -1,6 +1,8 @@
 """The REST FHIR source: searches a live FHIR R4 server with requests.
 
-Every request carries a timeout, `Accept: application/fhir+json`, a User-Agent and the caller's
+Every request carries a timeout, `Accept: application/fhir+json`, `Cache-Control: no-cache` (HAPI
+would otherwise answer a repeated search from its result cache, missing what was just written),
+a User-Agent and the caller's
 Authorization header (passed through unchanged, never logged, sent only to URLs under the FHIR
 base: a URL's path is normalised before that check, see `under_base_url`). Connection errors, 429 and 5xx are retried with exponential backoff, read timeouts are
 not; each failure that remains becomes a named error (adapter.fhir.responses) whose message
@@ -150,7 +152,9 @@ class FhirRestSource(FhirSource):
             raise UpstreamError("refusing a request outside the FHIR base: the caller's "
                                 "credentials go to that base only; check fhir_base_url")
         url = checked
-        headers = {"Accept": accept, "User-Agent": USER_AGENT}
+        # no-cache: HAPI answers a search repeated within a minute from its result cache
+        # (reuse_cached_search_results_millis), without what was written since
+        headers = {"Accept": accept, "User-Agent": USER_AGENT, "Cache-Control": "no-cache"}
         if authorization:
             headers["Authorization"] = authorization
         path = urlsplit(url).path or "/"
