@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -121,9 +122,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          "--model for it")
     if devices:
         from adapter.jobs.app import make_celery
-        from adapter.jobs.devices import run_device_workers
+        from adapter.jobs.devices import check_cuda_devices, run_device_workers, \
+            visible_cuda_count
         from adapter.jobs.routing import worker_queues
 
+        if any(d.startswith("cuda:") for d in devices):  # before anything else says a word
+            check_cuda_devices(devices, visible_cuda_count(os.environ))
         make_celery(settings, set_as_current=False)  # no redis_url, a bad key: fail here once
         worker_queues(settings, tiers)
         return run_device_workers(devices, tiers, _overrides(args, COMMON + ("log_format",)),
