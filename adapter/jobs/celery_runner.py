@@ -22,7 +22,7 @@ from adapter.jobs.envelope import seal, unseal
 from adapter.jobs.heartbeat import (JOB_KEY_PREFIX, LiveWorkers, job_key, redis_time,
                                     stamp_once)
 from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of, worker_command
-from adapter.jobs.runners import JobRunner, JobStatus, job_ref, new_job_id, not_found
+from adapter.jobs.runners import JobRunner, JobStatus, job_ref, not_found
 from adapter.jobs.task import TASK_NAME, scoring_settings
 from adapter.runtime import Runtime
 
@@ -141,13 +141,7 @@ class CeleryJobRunner(JobRunner):
     def submit(self, payload: dict[str, Any], model: str, owner: str,
                job_id: str | None = None) -> str:
         if job_id is None:
-            job_id = new_job_id()
-            self._sync_enter(owner, job_id)
-            try:
-                self._create(job_id, model, owner)
-            except BaseException:
-                self._sync_leave(job_id)
-                raise
+            job_id = self._create_sync(model, owner)
         ref = job_ref(job_id)
         queue = queue_for_model(self.settings, model)
         envelope = seal(payload, self.settings.payload_key)

@@ -164,6 +164,18 @@ class JobRunner(ABC):
         with self._sync_lock:
             self._sync_jobs.pop(job_id, None)
 
+    def _create_sync(self, model: str, owner: str) -> str:
+        """A new job for a synchronous call: its slot taken (`_sync_enter`), then recorded;
+        the slot is given back when recording fails."""
+        job_id = new_job_id()
+        self._sync_enter(owner, job_id)
+        try:
+            self._create(job_id, model, owner)
+        except BaseException:
+            self._sync_leave(job_id)
+            raise
+        return job_id
+
     def start(self, prepare: Prepare, model: str, owner: str) -> str:
         """Answer with a job id at once; prepare (in this process) and rank in the background."""
         from adapter.errors import error_answer
@@ -269,13 +281,7 @@ class InProcessJobRunner(JobRunner):
     def submit(self, payload: dict[str, Any], model: str, owner: str,
                job_id: str | None = None) -> str:
         if job_id is None:
-            job_id = new_job_id()
-            self._sync_enter(owner, job_id)
-            try:
-                self._create(job_id, model, owner)
-            except BaseException:
-                self._sync_leave(job_id)
-                raise
+            job_id = self._create_sync(model, owner)
         job = self._local(job_id)
         if job is None:  # cancelled while it was being prepared
             return job_id
