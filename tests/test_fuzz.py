@@ -59,13 +59,16 @@ def server(tmp_path_factory):
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
 
 
-def exchange(port: int, data: bytes, *, count: bool = True) -> bytes:
-    """Send raw bytes, read the answer to EOF. A reset before any byte is a dropped connection."""
+def exchange(port: int, data: bytes, *, count: bool = True, half_close: bool = False) -> bytes:
+    """Send raw bytes, read the answer to EOF. A reset before any byte is a dropped connection.
+    `half_close`: shut the sending side after the bytes (the client has sent all it will)."""
     if count:
         SENT["count"] += 1
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         try:
             sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered early and closed; the answer is still to be read
         chunks = []

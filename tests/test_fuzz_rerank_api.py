@@ -90,24 +90,7 @@ def chunked(port: int, target: bytes, framed: bytes) -> bytes:
     request = (b"POST " + target + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                b"application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" +
                framed)
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        try:
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    answer = b"".join(chunks)
-    assert answer, f"dropped connection (no answer) for {request[:200]!r}"
-    return answer
+    return exchange(port, request, count=False, half_close=True)
 
 
 def frame(body: bytes, sizes: list[int]) -> bytes:
