@@ -8,6 +8,7 @@ that worker's instruction, max_length or chunking: a fresh clone's `make test` o
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,6 +18,7 @@ from adapter.config import load_settings
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 BODY_DOCS = ["Ejection fraction 30 %", "Knee arthroscopy", "BNP raised, oedema"]
 OTHER_INSTRUCTION = "Judge whether the document is about orthopaedics"
+HANDED_BACK = "scoring settings differ from the API's: instruction (values differ)"
 
 
 def base(tiny_model_dir, redis_url=""):
@@ -41,17 +43,28 @@ def test_a_worker_with_other_scoring_settings_hands_the_job_to_one_with_the_apis
         redis_server, celery_workers, tiny_model_dir):
     api = base(tiny_model_dir, redis_server.url)
     expected = scores(rerank({**api, "redis_url": ""}))
-    other = celery_workers.start("other-settings", ["rerank.default"],
-                                 {**api, "instruction": OTHER_INSTRUCTION})
     assert scores(rerank({**api, "redis_url": "", "instruction": OTHER_INSTRUCTION})) != expected
-    same = celery_workers.start("same-settings", ["rerank.default"], api)
+    # Only the worker with other settings consumes the queue at first, so it is the one that
+    # takes the first job (with two consumers, which one takes it is up to the broker).
+    other = celery_workers.start("other-settings", ["rerank.default"],
+                                 {**api, "instruction": OTHER_INSTRUCTION,
+                                  "job_stale_after": 300})
+    same = None
     try:
-        for query in ("heart failure", "knee", "oedema"):
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(rerank, {**api, "sync_wait": 120})
+            deadline = time.monotonic() + 60
+            while HANDED_BACK not in other.log() and time.monotonic() < deadline \
+                    and not first.done():
+                time.sleep(0.2)
+            assert HANDED_BACK in other.log(), other.log()[-2000:]
+            same = celery_workers.start("same-settings", ["rerank.default"], api)
+            assert scores(first.result(timeout=180)) == expected
+        for query in ("knee", "oedema"):
             assert scores(rerank(api, query)) == scores(rerank({**api, "redis_url": ""}, query))
-        assert "scoring settings differ from the API's: instruction (values differ)" in \
-            other.log()
     finally:
-        same.stop()
+        if same is not None:
+            same.stop()
         other.stop()
 
 
