@@ -1,0 +1,210 @@
+"""Imports inside the `adapter` package run one way.
+
+Builds the module-level import graph of `adapter` with `ast` (module-level `import` / `from`
+statements, relative ones included, `from adapter.x import y` counted as an import of
+`adapter.x.y` where y is a submodule; `if TYPE_CHECKING:` blocks are left out because they
+never run) and checks:
+
+* no import cycle: no strongly connected component of more than one module;
+* every function-level import of an `adapter.*` module is on ALLOWED_LAZY, with its reason
+  (function-level imports of third-party packages, such as torch, are not constrained);
+* the packages import each other only downwards, in the order docs/ARCHITECTURE.md's
+  "Layers" section gives (LAYERS below).
+
+Run as a script (`python tests/test_layering.py`) to print the numbers.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "adapter"
+
+# (module that imports lazily, adapter module it imports) -> why it is not at module level.
+ALLOWED_LAZY: dict[tuple[str, str], str] = {
+    ("adapter", "adapter.api.app"):
+        "the package root runs before every adapter module: `adapter.create_app` must not "
+        "load Flask and the API into workers and the CLI",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _resolve(node: ast.ImportFrom | ast.Import, mod: str, is_pkg: bool,
+             modules: dict[str, Path]) -> list[str]:
+    """The adapter modules one import statement loads (the names it binds, when submodules)."""
+    out: list[str] = []
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name == "adapter" or alias.name.startswith("adapter."):
+                out.append(alias.name)
+        return out
+    if node.level:
+        base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if not (target == "adapter" or target.startswith("adapter.")):
+        return out
+    subs = [f"{target}.{alias.name}" for alias in node.names
+            if f"{target}.{alias.name}" in modules]
+    if len(subs) < len(node.names):  # some names are the module's own attributes
+        out.append(target)
+    return out + subs
+
+
+def _walk(body: list[ast.stmt], top: bool):
+    """Yield (import node, at module level?) for every import in a body, skipping
+    `if TYPE_CHECKING:` blocks."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, top
+        elif isinstance(node, ast.If) and _is_type_checking(node):
+            yield from _walk(node.orelse, top)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield from _walk(node.body, False)
+        elif isinstance(node, ast.ClassDef):
+            yield from _walk(node.body, top)
+        else:
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                sub = getattr(node, field, None)
+                if isinstance(sub, list):
+                    yield from _walk([s for s in sub if isinstance(s, ast.AST)], top)
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def scan() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
+    """(module-level import graph, [(module, adapter module imported lazily, line)]).
+
+    An import of adapter.a.b is an edge to adapter.a.b and to the packages it runs on the way
+    (adapter, adapter.a), except the importing module's own packages, which are running
+    already; an explicit `from adapter.a import name` is an edge to adapter.a wherever it is."""
+    modules = all_modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    lazy: list[tuple[str, str, int]] = []
+    for mod, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        is_pkg = path.name == "__init__.py"
+        for node, top in _walk(tree.body, True):
+            for t in _resolve(node, mod, is_pkg, modules):
+                if t not in modules or t == mod:
+                    continue
+                if top:
+                    graph[mod].add(t)
+                    graph[mod].update(a for a in _ancestors(t) if a != mod
+                                      and not mod.startswith(a + ".") and a in modules)
+                else:
+                    lazy.append((mod, t, node.lineno))
+    return graph, lazy
+
+
+def full_graph() -> dict[str, set[str]]:
+    """Every import, at module level or in a function: what each module needs to work."""
+    graph, lazy = scan()
+    for mod, t, _ in lazy:
+        graph[mod].add(t)
+        graph[mod].update(a for a in _ancestors(t) if a != mod
+                          and not mod.startswith(a + ".") and a in graph)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+    sys.setrecursionlimit(10000)
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    """Not at module level (Python would fail to import), and not through function-level
+    imports either (a cycle only hidden by an import moved into a function)."""
+    graph, _ = scan()
+    assert not cycles(graph), f"module-level import cycles: {cycles(graph)}"
+    found = cycles(full_graph())
+    assert not found, f"import cycles among adapter modules: {found}"
+
+
+def test_function_level_adapter_imports_are_allowed():
+    _, lazy = scan()
+    unexplained = sorted({(m, t) for m, t, _ in lazy if (m, t) not in ALLOWED_LAZY})
+    assert not unexplained, (
+        "function-level imports of adapter modules (move them to module level, or add them to "
+        f"ALLOWED_LAZY with the reason): {unexplained}")
+
+
+def test_allow_list_has_no_stale_entries():
+    _, lazy = scan()
+    used = {(m, t) for m, t, _ in lazy}
+    assert set(ALLOWED_LAZY) <= used, sorted(set(ALLOWED_LAZY) - used)
+
+
+if __name__ == "__main__":
+    g, lz = scan()
+    cs = cycles(g)
+    print(f"modules: {len(g)}; module-level edges: {sum(len(v) for v in g.values())}")
+    print(f"module-level cycles (SCCs > 1 module): {len(cs)}")
+    for c in cs:
+        print(f"  {len(c)} modules: {' '.join(c)}")
+    cs = cycles(full_graph())
+    print(f"cycles counting function-level imports too: {len(cs)}")
+    for c in cs:
+        print(f"  {len(c)} modules: {' '.join(c)}")
+    print(f"function-level imports of adapter modules: {len(lz)} statements-targets")
+    stmts = {(m, ln) for m, _, ln in lz}
+    print(f"function-level import statements of adapter modules: {len(stmts)}")
+    if "-v" in sys.argv:
+        for m, t, ln in sorted(lz):
+            print(f"  {m}:{ln} -> {t}")
