@@ -20,7 +20,7 @@ from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.rerank.keyword import KeywordReranker
 
 if TYPE_CHECKING:
-    from adapter.runtime import Caches, ModelStore
+    from adapter.caches import Caches, ModelStore
 
 __all__ = ["Reranker", "ScoreOptions", "ScoreResult", "build_reranker", "reranker_key",
            "BACKENDS"]
