@@ -16,17 +16,49 @@ Run as a script (`python tests/test_layering.py`) to print the numbers.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "adapter"
 
+# Heavy third-party packages: a module that imports one of these at its top is "heavy".
+HEAVY = ("torch", "transformers", "celery", "flask", "prometheus_client", "gunicorn", "requests")
+
+_CLI = ("`fhir-rerank` builds its parser for every command and `--help`: importing a command's "
+        "machinery at the top would load prometheus_client into `serve` before it sets "
+        "PROMETHEUS_MULTIPROC_DIR, and Flask, Celery or torch into every command")
+_MULTIPROC = ("imports prometheus_client, which must not load before `serve` sets "
+              "PROMETHEUS_MULTIPROC_DIR")
+_TORCH = "imports torch and transformers, needed only when a model is loaded"
+
 # (module that imports lazily, adapter module it imports) -> why it is not at module level.
+# Nothing here dodges a cycle: test_no_import_cycles counts these imports too.
 ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("adapter", "adapter.api.app"):
         "the package root runs before every adapter module: `adapter.create_app` must not "
         "load Flask and the API into workers and the CLI",
+    **{("adapter.cli", target): _CLI for target in (
+        "adapter.api.params", "adapter.cli_output", "adapter.eval.runner",
+        "adapter.jobs.app", "adapter.jobs.devices", "adapter.jobs.routing",
+        "adapter.jobs.worker", "adapter.pipeline", "adapter.runtime", "adapter.server",
+        "adapter.startup")},
+    ("adapter.cli", "adapter.rerank.tiny"): _TORCH,
+    ("adapter.cli", "adapter.eval.data"): "imported with adapter.eval.runner, beside it",
+    ("adapter.interop.context", "adapter.api.app"):
+        "the CLI's parser imports adapter.interop; the app " + _MULTIPROC,
+    ("adapter.server", "adapter.api.app"): _MULTIPROC,
+    ("adapter.server", "adapter.api.state"): _MULTIPROC,
+    ("adapter.server", "adapter.metrics"): _MULTIPROC,
+    ("adapter.server", "adapter.startup"): _MULTIPROC,
+    ("adapter.jobs", "adapter.jobs.celery_runner"):
+        "Celery and redis load only when redis_url is set (without it jobs run in-process)",
+    ("adapter.interop.runner", "adapter.rerank.tiny"): _TORCH,
+    ("adapter.rerank", "adapter.rerank.qwen3"): _TORCH,
+    ("adapter.search.hybrid", "adapter.rerank.qwen3"): _TORCH,
+    ("adapter.search.hybrid", "adapter.search.dense"): _TORCH,
 }
 
 
@@ -189,6 +221,36 @@ def test_allow_list_has_no_stale_entries():
     _, lazy = scan()
     used = {(m, t) for m, t, _ in lazy}
     assert set(ALLOWED_LAZY) <= used, sorted(set(ALLOWED_LAZY) - used)
+
+
+def _loads(code: str) -> set[str]:
+    """The HEAVY packages a fresh interpreter has loaded after running `code`."""
+    probe = (f"import sys\n{code}\n"
+             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(out.stdout.split())
+
+
+_PARSER = "import adapter.cli\nadapter.cli.build_parser()"
+
+
+def test_the_cli_parser_loads_nothing_heavy():
+    """What keeps the CLI's imports lazy: `fhir-rerank --help` (and `serve` before it sets
+    PROMETHEUS_MULTIPROC_DIR) loads none of HEAVY but requests (the FHIR client)."""
+    loaded = _loads(_PARSER)
+    assert loaded <= {"requests"}, loaded
+
+
+def test_each_lazy_cli_import_is_heavy():
+    """Every adapter module the CLI imports in a function loads a heavy package that the
+    parser does not (else it belongs at the top of adapter/cli.py)."""
+    base = _loads(_PARSER)
+    light = [target for (mod, target), reason in ALLOWED_LAZY.items()
+             if mod == "adapter.cli" and reason == _CLI
+             and not _loads(f"{_PARSER}\nimport {target}") - base]
+    assert not light, f"light modules imported lazily by adapter/cli.py: {light}"
 
 
 if __name__ == "__main__":

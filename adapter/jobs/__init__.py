@@ -13,13 +13,13 @@
 
 `live_workers(settings) -> {queue: count}` is what the readiness check asks;
 `make_job_runner(settings, runtime)` picks the runner. Imports run one way: routing and
-envelope → heartbeat → work → runners → task → app → celery_runner → this package; worker.py
-sits on task, app and heartbeat (tests/test_layering.py checks there is no cycle).
+envelope → heartbeat → work → runners → task → app → celery_runner → this package (which
+loads celery_runner only when redis_url is set); worker.py sits on task, app and heartbeat
+(tests/test_layering.py checks there is no cycle).
 """
 from __future__ import annotations
 
 from adapter.config import Settings
-from adapter.jobs.celery_runner import CeleryJobRunner
 from adapter.jobs.heartbeat import live_workers
 from adapter.jobs.runners import InProcessJobRunner, JobRunner, JobStatus, job_ref, new_job_id
 from adapter.runtime import Runtime
@@ -32,5 +32,8 @@ def make_job_runner(settings: Settings, runtime: Runtime | None = None) -> JobRu
     """Celery on Redis when `redis_url` is set, else an in-process pool (ranking with
     `runtime`'s models)."""
     if settings.redis_url:
+        # Celery and redis load only here: without redis_url nothing imports them.
+        from adapter.jobs.celery_runner import CeleryJobRunner
+
         return CeleryJobRunner(settings, runtime)
     return InProcessJobRunner(settings, runtime)
