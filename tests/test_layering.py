@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,108 @@ def test_allow_list_has_no_stale_entries():
     _, lazy = scan()
     used = {(m, t) for m, t, _ in lazy}
     assert set(ALLOWED_LAZY) <= used, sorted(set(ALLOWED_LAZY) - used)
+
+
+# The layers, bottom first, as docs/ARCHITECTURE.md's "Layers" section lists them: a module
+# imports (at module level or in a function) only modules of its own layer or of lower ones.
+# A name stands for that module and everything under it; the longest name that matches wins.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("base", ["adapter.version", "adapter.config", "adapter.errors", "adapter.models",
+              "adapter.metrics", "adapter.lru", "adapter.caches", "adapter.logsafe",
+              "adapter.logs", "adapter.identity", "adapter.deadline", "adapter.retry"]),
+    ("fhir", ["adapter.fhir"]),
+    ("keyword search", ["adapter.search"]),
+    ("rerank", ["adapter.rerank"]),
+    ("dense recall", ["adapter.search.dense", "adapter.search.hybrid"]),
+    ("runtime", ["adapter.runtime"]),
+    ("pipeline", ["adapter.pipeline"]),
+    ("jobs", ["adapter.jobs"]),
+    ("web", ["adapter.api", "adapter.app", "adapter.readiness"]),
+    ("app", ["adapter.api.app", "adapter.startup"]),
+    ("entry points", ["adapter", "adapter.server", "adapter.eval", "adapter.interop",
+                      "adapter.cli_output", "adapter.cli"]),
+]
+
+
+def layer_of(mod: str) -> int:
+    best, index = "", -1
+    for i, (_, names) in enumerate(LAYERS):
+        for name in names:
+            if (mod == name or mod.startswith(name + ".")) and len(name) > len(best):
+                best, index = name, i
+    return index
+
+
+def test_imports_run_down_the_layers():
+    graph = full_graph()
+    unplaced = [m for m in graph if layer_of(m) < 0]
+    assert not unplaced, f"modules in no layer (add them to LAYERS and the doc): {unplaced}"
+    upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) -> {d} ({LAYERS[layer_of(d)][0]})"
+                    for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m))
+    assert not upward, f"imports that go up the layers: {upward}"
+
+
+def test_the_architecture_doc_lists_the_layers():
+    """docs/ARCHITECTURE.md's "Layers" list is LAYERS: one numbered line per layer, bottom
+    first, naming its modules in backticks."""
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    listed: list[tuple[str, list[str]]] = []
+    for line in section.splitlines():
+        found = re.match(r"\d+\. \*\*(.+?)\*\*: (.*)", line)
+        if found:
+            listed.append((found[1], re.findall(r"`([a-z_.]+)`", found[2])))
+        elif listed and line.startswith("   ") and line.strip():  # the item goes on
+            listed[-1][1].extend(re.findall(r"`([a-z_.]+)`", line))
+    assert listed == LAYERS
+
+
+# Module-level state that is not a cache: what one process is doing, not a memo of results.
+NOT_CACHES = {
+    "adapter.server._booting": "the worker process booting now (its heartbeat while loading)",
+    "adapter.jobs.worker._worker_queues": "the queues this worker consumes",
+    "adapter.jobs.worker._worker_name": "this worker's node name",
+    "adapter.jobs.worker._beat": "this worker's heartbeat thread",
+}
+
+
+def module_caches() -> set[str]:
+    """`module.name` of each module-level cache: a function under functools.lru_cache / cache,
+    or a module-level dict, list or set that starts empty."""
+    found = set()
+    for mod, path in all_modules().items():
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.FunctionDef):
+                for dec in node.decorator_list:
+                    target = dec.func if isinstance(dec, ast.Call) else dec
+                    name = target.attr if isinstance(target, ast.Attribute) else \
+                        getattr(target, "id", "")
+                    if name in ("lru_cache", "cache"):
+                        found.add(f"{mod}.{node.name}")
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                value = node.value
+                empty = (isinstance(value, ast.Dict) and not value.keys) or (
+                    isinstance(value, (ast.List, ast.Set)) and not value.elts) or (
+                    isinstance(value, ast.Call) and getattr(value.func, "id", "") in
+                    ("dict", "set", "list", "OrderedDict") and not value.args and not value.keywords)
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if empty:
+                    found.update(f"{mod}.{t.id}" for t in targets if isinstance(t, ast.Name))
+    return found
+
+
+def test_architecture_names_every_module_level_cache():
+    """docs/ARCHITECTURE.md lists the module-level caches; every one in the code is there
+    (named as `last-module.name`); NOT_CACHES is process state, not a cache."""
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    missing = []
+    for full in sorted(module_caches()):
+        if full in NOT_CACHES:
+            continue
+        mod, name = full.rsplit(".", 1)
+        if f"`{mod.rsplit('.', 1)[-1]}.{name}`" not in doc:
+            missing.append(full)
+    assert not missing, f"module-level caches docs/ARCHITECTURE.md does not name: {missing}"
 
 
 def _loads(code: str) -> set[str]:
