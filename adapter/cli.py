@@ -9,7 +9,12 @@ import os
 import sys
 from typing import Any
 
-from adapter.config import load_settings
+from adapter.config import check_model_paths, load_settings
+from adapter.errors import AdapterError
+from adapter.fhir import make_source
+from adapter.interop.command import add_interop_command
+from adapter.logs import check_log_level, configure_logging
+from adapter.version import __version__
 
 log = logging.getLogger("adapter")
 
@@ -21,10 +26,6 @@ def _overrides(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, An
 def _settings_from(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
     """The command's settings (config, environment, its flags); logging switches to the
     settings' `log_format` from here on. DEBUG is refused without `log_phi_at_debug`."""
-    from adapter.logs import check_log_level, configure_logging
-
-    from adapter.config import check_model_paths
-
     settings = load_settings(_overrides(args, names + ("log_format",)))
     check_log_level(args.log_level, settings.log_phi_at_debug)
     configure_logging(args.log_level, settings.log_format)
@@ -165,7 +166,6 @@ def _worker_devices(args: argparse.Namespace) -> list[str]:
 def cmd_search(args: argparse.Namespace) -> int:
     from adapter.api.params import parse_search
     from adapter.cli_output import print_bundle_table, progress
-    from adapter.fhir import make_source
     from adapter.pipeline import LinkContext, prepare_search, rank_prepared
     from adapter.runtime import Runtime
 
@@ -197,7 +197,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from adapter.eval.data import load_qrels, load_topics
     from adapter.eval.runner import evaluate, format_table, write_trec_run
-    from adapter.fhir import make_source
     from adapter.runtime import Runtime
 
     settings = _model_or_exit(_settings_from(args, COMMON))
@@ -255,8 +254,6 @@ def _parser(sub: Any, name: str, help_text: str, example: str) -> argparse.Argum
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adapter import __version__
-
     parser = argparse.ArgumentParser(prog="fhir-rerank", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fhir-rerank {__version__}")
@@ -344,8 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reranker (Qwen3-Reranker-like) or embedding (Qwen3-Embedding-like)")
     tiny.set_defaults(func=cmd_make_tiny_model)
 
-    from adapter.interop.command import add_interop_command
-
     add_interop_command(sub)
     _add_log_flags_to()
     return parser
@@ -367,11 +362,7 @@ def _log_flags_for(sub: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from adapter.logs import configure_logging
-
     configure_logging(args.log_level, args.log_format or "text")
-    from adapter.errors import AdapterError
-
     try:
         return args.func(args)
     except AdapterError as exc:

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from adapter.errors import BadRequest
+from adapter.fhir.flatten import flatten_resource
+from adapter.pipeline import scoring_model
+from adapter.rerank.usage import format_usd, usage_from_bundle, usage_of
+from adapter.runtime import Runtime
 
 log = logging.getLogger("adapter")
 
@@ -78,10 +82,6 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def cmd_rerank(args: Any, settings: Any) -> int:
     """Rank the documents of a JSONL file by a query with the configured reranker."""
-    from adapter.pipeline import scoring_model
-    from adapter.rerank.usage import format_usd, usage_of
-    from adapter.runtime import Runtime
-
     ids, texts = read_documents(args.docs)
     reranker = Runtime(settings).reranker(args.model)
     with progress("reranking") as bar:
@@ -106,9 +106,6 @@ def cmd_rerank(args: Any, settings: Any) -> int:
 
 def print_bundle_table(bundle: dict[str, Any]) -> None:
     """A searchset Bundle as a table (rank, score, resource, text) plus its notes."""
-    from adapter.fhir.flatten import flatten_resource
-    from adapter.rerank.usage import format_usd, usage_from_bundle
-
     rows, notes = [], []
     for entry in bundle.get("entry", []):
         if entry["search"]["mode"] == "match":

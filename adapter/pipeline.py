@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from adapter.config import Settings, load_settings
+from adapter.deadline import remaining, submit_in_context, upstream_deadline
 from adapter.errors import NotFound, UpstreamNotFound
 from adapter.fhir.bundle import add_passage_extensions, searchset
-from adapter.fhir.deadline import remaining, submit_in_context, upstream_deadline
 from adapter.fhir.flatten import (attachment_urls, cached_text, flatten_documents,
                                   validation_outcome)
 from adapter.fhir.search_params import filters_for

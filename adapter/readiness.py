@@ -20,6 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from adapter.config import Settings
+from adapter.jobs import live_workers
+from adapter.jobs.heartbeat import degraded_workers
+from adapter.jobs.routing import queue_for_model, worker_command
 from adapter.runtime import Runtime
 
 
@@ -75,8 +78,6 @@ def probe_redis(settings: Settings) -> Check:
 
 def expected_queues(settings: Settings) -> dict[str, list[str]]:
     """queue name → the allowed models whose jobs go there."""
-    from adapter.jobs.routing import queue_for_model
-
     queues: dict[str, list[str]] = {}
     for model in dict.fromkeys([settings.model, *settings.models_allowed]):
         queues.setdefault(queue_for_model(settings, model), []).append(model)
@@ -87,10 +88,6 @@ def probe_workers(settings: Settings) -> Check:
     """Every allowed model's queue has a live worker (names the command when not). Reads the
     workers' own heartbeats in Redis (`adapter.jobs.live_workers`), the same view that turns
     a job for an unconsumed queue into a 503, so readiness and job submission agree."""
-    from adapter.jobs import live_workers
-    from adapter.jobs.heartbeat import degraded_workers
-    from adapter.jobs.routing import worker_command
-
     try:
         consumers = live_workers(settings)
         degraded = degraded_workers(settings)

@@ -5,14 +5,14 @@ reranker): which answers are retried, and how long to wait before the next attem
   a busy server gives); never a redirect, never another 4xx.
 - The wait before attempt n + 1 is `backoff × 2ⁿ`, or the server's `Retry-After` (seconds or
   an HTTP date) when that is longer, capped at `cap`; inside a search it never outlasts the
-  search's `upstream_deadline` (adapter.fhir.deadline).
+  search's `upstream_deadline` (adapter.deadline).
 """
 from __future__ import annotations
 
 import email.utils
 import time
 
-from adapter.fhir.deadline import remaining
+from adapter.deadline import remaining
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 

@@ -33,6 +33,8 @@ from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
 from adapter.config import Settings
+from adapter.errors import ModelLoadError
+from adapter.logs import JsonFormatter
 
 log = logging.getLogger("adapter.server")
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -433,9 +435,10 @@ def build_app(settings: Settings) -> Any:
     """Create the app in this (worker) process and load its reranker before serving."""
     import sys
 
-    from adapter import create_app
+    # Imported here, not at the top: they import prometheus_client, which must not be loaded
+    # before `serve` sets PROMETHEUS_MULTIPROC_DIR (see there).
+    from adapter.api.app import create_app
     from adapter.api.state import state_of
-    from adapter.errors import ModelLoadError
 
     stop = threading.Event()
     threading.Thread(target=_heartbeat_while_loading, args=(stop,), daemon=True,
@@ -474,8 +477,6 @@ def _json_gunicorn_logger() -> type:
     """gunicorn's logger with JSON lines (`log_format = json`): its own lines (booting,
     worker exits) then read like the app's."""
     from gunicorn.glogging import Logger
-
-    from adapter.logs import JsonFormatter
 
     class JsonGunicornLogger(Logger):
         def _set_handler(self, log: Any, output: Any, fmt: Any, stream: Any = None) -> None:

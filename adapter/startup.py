@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from adapter.config import Settings
+from adapter.fhir import make_source
 from adapter.readiness import probe_redis, probe_source, probe_workers
 
 log = logging.getLogger("adapter.startup")
@@ -23,8 +24,6 @@ def report_dependencies(settings: Settings) -> None:
         log.warning("listening on all interfaces, but only Host localhost / 127.0.0.1 is "
                     "answered; set trusted_hosts (the names clients use) or public_base_url")
     if settings.fhir_base_url:
-        from adapter.fhir import make_source
-
         check = probe_source(make_source(settings), settings.readyz_timeout)
         _line(check.ok, "FHIR source: %s%s", check.detail,
               "" if check.ok else "; searches answer 502 until it is reachable")

@@ -8,7 +8,7 @@ import pytest
 
 from adapter import retry
 from adapter.fhir import client
-from adapter.fhir.deadline import upstream_deadline
+from adapter.deadline import upstream_deadline
 from adapter.rerank import remote
 
 

@@ -12,6 +12,7 @@ import logging
 from flask import Flask, Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
 
+from adapter.api.rerank_api import is_rerank_api_path
 from adapter.errors import AdapterError, ErrorAnswer, error_answer
 from adapter.fhir.bundle import operation_outcome
 from adapter.models import Outcome
@@ -76,8 +77,6 @@ BODY_UNREADABLE = ("the request body could not be read: its chunked encoding is 
 
 
 def _for_rerank_api() -> bool:
-    from adapter.api.rerank_api import is_rerank_api_path
-
     return is_rerank_api_path(request.path)
 
 

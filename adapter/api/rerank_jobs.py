@@ -2,22 +2,19 @@
 
 `parse_rerank_request` checks a Cohere / Jina / SiliconFlow-shaped body and builds the job
 payload (kind "rerank-api"; the documents travel in it, nothing of the caller's headers).
-`run_rerank_payload` is the job body (a Celery worker or the in-process pool runs it through
-`adapter.jobs.task.rank_job`); it returns the `ScoreResult` and its usage as JSON.
+The job body that scores such a payload is `adapter.jobs.work.run_rerank_payload` (a Celery
+worker or the in-process pool runs it); it returns the `ScoreResult` and its usage as JSON.
 `format_answer` turns that into the route's response shape.
 """
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 from adapter.config import Settings
 from adapter.errors import BadRequest
-from adapter.rerank.base import ScoreOptions, ScoreResult
-from adapter.rerank.usage import tier_of, usage_of
-
-if TYPE_CHECKING:
-    from adapter.runtime import Runtime
+from adapter.rerank.base import ScoreResult
+from adapter.rerank.usage import tier_of
 
 #: every request field the routes understand (the union of Cohere v1/v2, Jina, SiliconFlow)
 FIELDS = ("model", "query", "documents", "top_n", "return_documents", "instruction",
@@ -121,31 +118,6 @@ def parse_rerank_request(body: Any, route: str, settings: Settings) -> dict[str,
     return {"kind": "rerank-api", "route": route, "model": model, "query": query,
             "documents": texts, "instruction": instruction, "top_n": top_n,
             "return_documents": return_documents, "options": options}
-
-
-def score_options(payload_options: dict[str, Any], settings: Settings) -> ScoreOptions:
-    """The call's options over the configured defaults, with the per-call token limit."""
-    given = {k: v for k, v in payload_options.items() if v is not None}
-    return ScoreOptions(long_documents=settings.long_documents,
-                        max_chunks_per_doc=given.get("max_chunks_per_doc",
-                                                     settings.max_chunks_per_doc),
-                        overlap_tokens=given.get("overlap_tokens", settings.overlap_tokens),
-                        max_tokens_per_doc=given.get("max_tokens_per_doc"),
-                        max_total_tokens=settings.max_tokens_per_call)
-
-
-def run_rerank_payload(payload: dict[str, Any], model: str, runtime: "Runtime",
-                       on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """The job body: score the documents with the runtime's reranker for `model`."""
-    from adapter.pipeline import scoring_model
-
-    settings = runtime.settings
-    reranker = runtime.reranker(model)
-    result = reranker.score(payload["query"], payload["documents"], payload.get("instruction"),
-                            on_progress=on_progress,
-                            options=score_options(payload["options"], settings))
-    usage = usage_of(result, settings, scoring_model(result, model))
-    return {"result": result.to_json(), "usage": usage.to_json()}
 
 
 def _warnings(result: ScoreResult) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from flask import Blueprint, Response, request
 
-from adapter import __version__
+from adapter.version import __version__
 from adapter.api.capability import capability_statement, operation_definition
 from adapter.api.async_routes import answer_with_job
 from adapter.api.errors import fhir_response

@@ -24,32 +24,13 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
 from adapter.api.state import state
+from adapter.app.roots import allowed_issuers, app_root
+from adapter.app.standin import register_standin
 
 STATIC = Path(__file__).resolve().parent / "static"
 bp = Blueprint("smart_app", __name__, url_prefix="/app")
 DEFAULT_SCOPES = ("launch openid fhirUser patient/DocumentReference.rs "
                   "patient/Observation.rs patient/Condition.rs")
-
-
-def app_root() -> str:
-    """Where the adapter is served (no trailing slash): `public_base_url` without its `/fhir`,
-    else the request's own root (the Host was checked against trusted_hosts)."""
-    configured = state().settings.public_base_url.rstrip("/")
-    if configured:
-        return configured[:-len("/fhir")] if configured.endswith("/fhir") else configured
-    return request.url_root.rstrip("/")
-
-
-def allowed_issuers() -> list[str]:
-    """`smart_issuers`, or when empty the one FHIR server this adapter talks to: `fhir_base_url`,
-    or the adapter's own `/fhir` when it serves files."""
-    settings = state().settings
-    issuers = [i.rstrip("/") for i in settings.smart_issuers if i.strip()]
-    if issuers:
-        return issuers
-    if settings.fhir_base_url:
-        return [settings.fhir_base_url.rstrip("/")]
-    return [app_root() + "/fhir"]
 
 
 def issuer_allowed(iss: str) -> bool:
@@ -135,6 +116,4 @@ def register(app: Flask) -> None:
     """The app's pages, and the SMART authorization stand-in when `smart_standin` is on."""
     app.register_blueprint(bp)
     if app.extensions["fhir_rerank"].settings.smart_standin:
-        from adapter.app.standin import register_standin
-
         register_standin(app)

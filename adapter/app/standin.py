@@ -41,6 +41,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, Flask, Response, jsonify, redirect, request
 
 from adapter.api.state import state
+from adapter.app.roots import allowed_issuers, app_root
 
 bp = Blueprint("smart_standin", __name__, url_prefix="/smart")
 well_known_bp = Blueprint("smart_well_known", __name__)
@@ -78,8 +79,6 @@ def s256(verifier: str) -> str:
 
 
 def _roots() -> tuple[str, list[str]]:
-    from adapter.app import allowed_issuers, app_root
-
     return app_root(), allowed_issuers()
 
 

@@ -7,7 +7,7 @@ Authorization header (passed through unchanged, never logged, sent only to URLs 
 base: a URL's path is normalised before that check, see `under_base_url`). Connection errors, 429 and 5xx are retried with exponential backoff, read timeouts are
 not; each failure that remains becomes a named error (adapter.fhir.responses) whose message
 names the upstream status, the URL path (never the query: it may carry patient ids) and the
-fix. The search's `upstream_deadline` (adapter.fhir.deadline) cuts every timeout and backoff.
+fix. The search's `upstream_deadline` (adapter.deadline) cuts every timeout and backoff.
 Paging follows `next` links under the FHIR base only, up to `max_pages`, and re-runs a search
 once when HAPI's paging cache expires (410 Gone).
 """
@@ -23,9 +23,9 @@ from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit, urlunspli
 
 import requests
 
+from adapter.deadline import expired_error, remaining, submit_in_context
 from adapter.errors import (BadRequest, UpstreamError, UpstreamGone, UpstreamNotFound,
                             UpstreamTimeout)
-from adapter.fhir.deadline import expired_error, remaining, submit_in_context
 from adapter.fhir.responses import outcome_warnings, raise_for_status
 from adapter.retry import RETRY_STATUSES, wait_before_retry
 from adapter.fhir.source import FhirSource

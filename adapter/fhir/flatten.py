@@ -27,7 +27,7 @@ from adapter.lru import LRU
 from adapter.models import RESOURCE_TYPES, Document, Outcome
 
 if TYPE_CHECKING:
-    from adapter.runtime import Caches
+    from adapter.caches import Caches
 
 log = logging.getLogger(__name__)
 

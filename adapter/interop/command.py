@@ -6,6 +6,9 @@ import logging
 import os
 import sys
 
+from adapter.interop.report import render_table, write_outputs
+from adapter.interop.runner import InteropOptions, run_interop
+
 log = logging.getLogger(__name__)
 
 
@@ -44,9 +47,6 @@ def authorization_value(token: str | None) -> str | None:
 
 
 def cmd_interop(args: argparse.Namespace) -> int:
-    from adapter.interop.report import render_table, write_outputs
-    from adapter.interop.runner import InteropOptions, run_interop
-
     token = args.token
     if args.token_env:
         token = os.environ.get(args.token_env)

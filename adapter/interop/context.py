@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from adapter.config import load_settings
 from adapter.interop.capability import ServerProfile
 from adapter.interop.loader import LoadedPatient, ServerCall
 
@@ -106,8 +107,9 @@ class InteropContext:
         """A Flask test client of `create_app` on this server (reranker none, jobs in-process)."""
         key = tuple(sorted(overrides.items()))
         if key not in self._clients:
-            from adapter import create_app
-            from adapter.config import load_settings
+            # Not at the top: the CLI's parser imports adapter.interop, and the app would bring
+            # prometheus_client in before `serve` sets PROMETHEUS_MULTIPROC_DIR.
+            from adapter.api.app import create_app
 
             # keyword_list_unmatched: every resource reaches the keyword ranking, so `total`
             # shows whether the adapter fetched all of the test patient

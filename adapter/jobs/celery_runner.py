@@ -22,7 +22,7 @@ from adapter.jobs.envelope import seal, unseal
 from adapter.jobs.heartbeat import (JOB_KEY_PREFIX, LiveWorkers, job_key, redis_time,
                                     stamp_once)
 from adapter.jobs.routing import queue_for_model, rerank_queue, tier_of, worker_command
-from adapter.jobs.runners import JobRunner, JobStatus, job_ref, not_found
+from adapter.jobs.runners import JobCancelled, JobRunner, JobStatus, job_ref, not_found
 from adapter.jobs.task import TASK_NAME, scoring_settings
 from adapter.runtime import Runtime
 
@@ -122,8 +122,6 @@ class CeleryJobRunner(JobRunner):
             raise self._jobs_cap_error()
 
     def _set_stage(self, job_id: str, stage: str) -> None:
-        from adapter.jobs.runners import JobCancelled
-
         key = job_key(job_ref(job_id))
         if not self.records.exists(key):
             raise JobCancelled()

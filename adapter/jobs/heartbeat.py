@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from adapter.config import Settings
+from adapter.jobs.routing import TASK_NAME, rerank_queue
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +206,6 @@ class JobBeat:
 def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
     """Re-send each job whose heartbeat is older than job_stale_after to its queue; returns
     how many. The ZREM is the claim: of several workers checking, one re-sends a job."""
-    from adapter.jobs.routing import rerank_queue
-    from adapter.jobs.task import TASK_NAME
-
     ceiling = time.time() - settings.job_stale_after
     handed = 0
     for ref in client.zrangebyscore(RUNNING_KEY, "-inf", ceiling, start=0, num=50):
@@ -232,8 +230,6 @@ def held_job_refs() -> list[str]:
     pool process (the pool may still be loading its model), waiting for a retry, or running.
     Celery drops a request from `state.requests` once it is done, whatever the outcome."""
     from celery.worker import state
-
-    from adapter.jobs.task import TASK_NAME
 
     for _ in range(3):
         try:

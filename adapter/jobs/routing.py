@@ -22,6 +22,8 @@ from adapter.config import Settings
 TIER_ALIASES = ("0.6B", "4B", "8B")
 QUEUE_PREFIX = "rerank."
 DEFAULT_QUEUE = "rerank.default"
+#: the rerank task's name on the broker (adapter.jobs.task registers it)
+TASK_NAME = "adapter.jobs.rerank"
 _HF_TIER = re.compile(r"Qwen/Qwen3-Reranker-(0\.6B|4B|8B)")
 
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from adapter.config import Settings
-from adapter.errors import NotFound
+from adapter.errors import CallerBusy, NotFound, error_answer
+from adapter.jobs.work import job_error, rank_job
 from adapter.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -131,8 +132,6 @@ class JobRunner(ABC):
     # --- per-caller caps (fairness) -------------------------------------------------------
 
     def _jobs_cap_error(self) -> "AdapterError":
-        from adapter.errors import CallerBusy
-
         cap = self.settings.max_jobs_per_caller
         return CallerBusy(f"this caller already has {cap} unfinished jobs (max_jobs_per_caller "
                           f"= {cap}); wait for one to finish (poll or DELETE its "
@@ -143,8 +142,6 @@ class JobRunner(ABC):
         """A synchronous call (`submit` of a new job: the caller waits for the answer) takes
         one of the caller's `max_sync_per_caller` slots in this API process until the job is
         forgotten, cancelled, or left to run on as a 202 (`wait`); 429 over the cap."""
-        from adapter.errors import CallerBusy
-
         cap = self.settings.max_sync_per_caller
         now = time.monotonic()
         oldest = now - (self.settings.task_time_limit + self.settings.sync_wait + 60)
@@ -178,8 +175,6 @@ class JobRunner(ABC):
 
     def start(self, prepare: Prepare, model: str, owner: str) -> str:
         """Answer with a job id at once; prepare (in this process) and rank in the background."""
-        from adapter.errors import error_answer
-
         job_id = new_job_id()
         self._create(job_id, model, owner)
 
@@ -291,8 +286,6 @@ class InProcessJobRunner(JobRunner):
         return job_id
 
     def _run(self, job: _LocalJob, payload: dict[str, Any], model: str) -> None:
-        from adapter.jobs.task import job_error, rank_job
-
         def on_progress(done: int, total: int) -> None:
             if job.cancelled.is_set():
                 raise JobCancelled()
@@ -304,7 +297,7 @@ class InProcessJobRunner(JobRunner):
         except JobCancelled:
             answer = {"cancelled": True}
         except Exception as exc:  # noqa: BLE001 - becomes an OperationOutcome
-            answer = {"error": job_error(exc, self.settings, where="server")}
+            answer = {"error": job_error(exc, where="server")}
         job.answer, job.finished_at = answer, time.monotonic()
 
     def _purge(self) -> None:
@@ -359,12 +352,3 @@ class InProcessJobRunner(JobRunner):
         self._pool.shutdown(wait=False, cancel_futures=True)
         super().close()
 
-
-def make_job_runner(settings: Settings, runtime: Runtime | None = None) -> JobRunner:
-    """Celery on Redis when `redis_url` is set, else an in-process pool (ranking with
-    `runtime`'s models)."""
-    if settings.redis_url:
-        from adapter.jobs.celery_runner import CeleryJobRunner
-
-        return CeleryJobRunner(settings, runtime)
-    return InProcessJobRunner(settings, runtime)

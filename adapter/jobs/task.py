@@ -1,6 +1,6 @@
-"""The rerank job: its body (`rank_job`, with or without Celery) and the Celery task.
+"""The rerank job's Celery task (its body, `rank_job`, is in adapter.jobs.work).
 
-The task holds no logic: it opens the payload that `adapter.pipeline.prepare_search` built in
+The task holds no logic (that is `adapter.jobs.work`): it opens the payload that `adapter.pipeline.prepare_search` built in
 the API process, calls `rank_prepared` with the worker's reranker and returns the sealed
 Bundle. While it runs it keeps a heartbeat and a lease in Redis (adapter.jobs.heartbeat), so
 a job whose worker died is handed to another one, and a duplicate delivery of a job that a
@@ -12,21 +12,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from celery import Celery, shared_task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from adapter.config import Settings, load_settings
-from adapter.errors import JobTimeout, ModelLoadError, RerankerUnavailable, error_answer
+from adapter.errors import JobTimeout, ModelLoadError, RerankerUnavailable
 from adapter.jobs.envelope import PayloadKeyError, seal, unseal
 from adapter.jobs.heartbeat import JobBeat, claim_lease, job_key, redis_time, stamp_once
+from adapter.jobs.routing import TASK_NAME, rerank_queue
 from adapter.jobs.runners import JobCancelled
+from adapter.jobs.work import job_error, rank_job
 from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-TASK_NAME = "adapter.jobs.rerank"
 
 #: Settings that change what a job's scores are. The API sends its values with each job
 #: (`needs`); a worker whose values differ does not score it (see `rerank`). The device,
@@ -54,30 +54,13 @@ def settings_differ(needs: dict[str, Any], settings: Settings) -> list[str]:
     return out
 
 
-def rank_job(payload: dict[str, Any], model: str, runtime: Runtime,
-             on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Score the prepared candidates with the runtime's reranker for `model`; the Bundle
-    (or, for a rerank-API payload, its ScoreResult and usage)."""
-    from adapter.pipeline import rank_prepared
-
-    # Concurrent jobs may share the reranker: the Qwen3 engine runs one forward at a time per
-    # model, and each `score` call returns its own ScoreResult.
-    if payload.get("kind") == "rerank-api":  # a /v1/rerank call: documents, no FHIR search
-        from adapter.api.rerank_jobs import run_rerank_payload
-
-        return run_rerank_payload(payload, model, runtime, on_progress)
-    return rank_prepared(payload, runtime.reranker(model), on_progress=on_progress,
-                         settings=runtime.settings, runtime=runtime)
-
-
-def job_error(exc: BaseException, settings: Settings | None = None,
-              where: str = "worker") -> dict[str, Any]:
-    """What a failed job answers: the same mapping as an HTTP error (`error_answer`)."""
+def _timed_out(exc: BaseException, settings: Settings) -> BaseException:
+    """Celery's soft time limit as the JobTimeout a caller reads; other errors as they are."""
     if isinstance(exc, SoftTimeLimitExceeded):
-        limit = settings.task_soft_time_limit if settings else "?"
-        exc = JobTimeout(f"reranking took longer than task_soft_time_limit ({limit} s); lower "
-                         "`recall` or use a faster model tier")
-    return error_answer(exc, where).to_json()
+        return JobTimeout(f"reranking took longer than task_soft_time_limit "
+                          f"({settings.task_soft_time_limit} s); lower `recall` or use a "
+                          "faster model tier")
+    return exc
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -129,8 +112,6 @@ def _other_settings(task: Any, client: Any, ref: str, envelope: dict[str, Any], 
     """This worker's scoring settings differ from the job's: hand the job back to its queue
     for another worker (None), for up to `job_stale_after` seconds from the first hand-back;
     then the job's answer is a 503 naming the settings."""
-    from adapter.jobs.routing import rerank_queue
-
     now = redis_time(client)
     if since is None:
         log.warning("job %s: this worker's scoring settings differ from the API's: %s; "
@@ -209,7 +190,7 @@ def rerank(self: Any, envelope: dict[str, Any], model: str, needs: dict[str, Any
                             type(exc).__name__, countdown)
                 raise self.retry(countdown=countdown,
                                  max_retries=settings.task_max_retries) from None
-            failure, answer = exc, {"error": job_error(exc, settings)}
+            failure, answer = exc, {"error": job_error(_timed_out(exc, settings))}
     answer["worker"] = self.request.hostname
     if not client.exists(key):  # cancelled during the last batch: store nothing
         self.backend.forget(ref)

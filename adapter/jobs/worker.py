@@ -20,9 +20,10 @@ from celery import Celery, signals
 
 from adapter.config import Settings, load_settings
 from adapter.jobs.app import make_celery
-from adapter.jobs.heartbeat import WorkerBeat
-from adapter.jobs.routing import models_for_queues, queue_for_model, worker_queues
-from adapter.jobs.task import TASK_NAME
+from adapter.jobs.heartbeat import WorkerBeat, mark_degraded
+from adapter.jobs.routing import TASK_NAME, models_for_queues, queue_for_model, worker_queues
+from adapter.jobs.task import runtime_of  # importing it registers the shared task
+from adapter.logs import install_redaction, use_format
 from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,10 @@ _worker_name: list[str] = []
 def make_worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app a worker runs: the task registered, the start-up signals connected, and
     its runtime (`app.fhir_runtime`: caches and models; each prefork child loads its own)."""
-    from adapter.logs import install_redaction
-
     install_redaction()  # `celery -A celery_app worker` does not go through the CLI
     settings = settings or load_settings()
     app = make_celery(settings, announce_key=False)  # said once Celery's logging is up
     app.fhir_runtime = Runtime(settings)
-    import adapter.jobs.task  # noqa: F401 - registers the shared task on this app
 
     _quiet_task_results()
     signals.worker_init.connect(_remember_queues, weak=False, dispatch_uid="fhir-rerank-queues")
@@ -82,8 +80,6 @@ def _no_debug(logger: logging.Logger | None = None, **_: object) -> None:
 
 def _json_lines(logger: logging.Logger | None = None, **_: object) -> None:
     """`log_format = json`: Celery's handlers (worker and task loggers) write JSON lines."""
-    from adapter.logs import use_format
-
     if logger is not None:
         use_format(logger, "json")
 
@@ -146,8 +142,6 @@ def _load_models(**_: object) -> None:
     """Load and warm the reranker(s) for this worker's queues, once per worker process."""
     from celery import current_app
 
-    from adapter.jobs.task import runtime_of
-
     settings: Settings = getattr(current_app, "fhir_settings", None) or load_settings()
     runtime = runtime_of(current_app)
     models = models_for_queues(settings, _worker_queues)
@@ -159,8 +153,6 @@ def _load_models(**_: object) -> None:
         log.info("worker process %s ready: %s", os.getpid(), reranker.describe())
         reason = getattr(reranker, "fallback_reason", None)
         if reason and _worker_name and _worker_name[0]:  # /readyz: degraded, not ready
-            from adapter.jobs.heartbeat import mark_degraded
-
             queues = [q for q in _worker_queues if q == queue_for_model(settings, model)]
             try:
                 mark_degraded(settings, _worker_name[0], queues, f"{model}: {reason}")

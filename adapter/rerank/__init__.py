@@ -18,9 +18,10 @@ from adapter.errors import BadRequest, ModelLoadError
 from adapter.metrics import MODEL_LOADS
 from adapter.rerank.base import Reranker, ScoreOptions, ScoreResult
 from adapter.rerank.keyword import KeywordReranker
+from adapter.rerank.remote import RemoteReranker
 
 if TYPE_CHECKING:
-    from adapter.runtime import Caches, ModelStore
+    from adapter.caches import Caches, ModelStore
 
 __all__ = ["Reranker", "ScoreOptions", "ScoreResult", "build_reranker", "reranker_key",
            "BACKENDS"]
@@ -39,8 +40,6 @@ def build_reranker(settings: Settings, model: str, models: "ModelStore | None" =
         MODEL_LOADS.labels("none", "loaded").inc()
         return KeywordReranker(tokens=tokens)
     if settings.reranker == "remote":
-        from adapter.rerank.remote import RemoteReranker
-
         return RemoteReranker.from_settings(settings, model)
     if settings.reranker != "qwen3":
         raise BadRequest(f"unknown reranker {settings.reranker!r}; use one of {', '.join(BACKENDS)}")

@@ -33,7 +33,7 @@ from adapter.rerank.packed import (PREFIX_STEP, StaticPackedRunner, pack_in_orde
                                    packed_forward, prefix_bucket, resolve_attention)
 
 if TYPE_CHECKING:
-    from adapter.runtime import ModelStore
+    from adapter.caches import ModelStore
 
 logger = logging.getLogger(__name__)
 

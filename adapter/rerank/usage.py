@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from adapter.metrics import USAGE_COST, USAGE_TOKENS
 from adapter.rerank.base import ScoreResult
 
 _HF_TIER = re.compile(r"Qwen/Qwen3-Reranker-(0\.6B|4B|8B)", re.IGNORECASE)
@@ -110,7 +111,5 @@ def usage_from_bundle(bundle: dict[str, Any]) -> Usage | None:
 
 def count_usage(usage: Usage, api: str) -> None:
     """Add an answered call's tokens and cost to the metrics (API processes export them)."""
-    from adapter.metrics import USAGE_COST, USAGE_TOKENS
-
     USAGE_TOKENS.labels(api, usage.tier).inc(usage.tokens)
     USAGE_COST.labels(api, usage.tier).inc(usage.cost_usd)

@@ -44,7 +44,7 @@ from adapter.search.expand import OWN_WORD_WEIGHT, own_words, weighted_query
 from adapter.search.tokenize import tokenize
 
 if TYPE_CHECKING:
-    from adapter.runtime import Caches
+    from adapter.caches import Caches
 
 log = logging.getLogger(__name__)
 

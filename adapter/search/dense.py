@@ -34,7 +34,7 @@ from adapter.models import Document
 from adapter.rerank.qwen3 import load_attempt, load_qwen3_checkpoint, pack_by_tokens
 
 if TYPE_CHECKING:
-    from adapter.runtime import ModelStore
+    from adapter.caches import ModelStore
 
 logger = logging.getLogger(__name__)
 

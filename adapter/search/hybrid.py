@@ -23,7 +23,8 @@ from adapter.search.bm25 import recall_matches, with_quotas
 from adapter.search.fusion import reciprocal_rank_fusion
 
 if TYPE_CHECKING:
-    from adapter.runtime import ModelStore, Runtime
+    from adapter.caches import ModelStore
+    from adapter.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,16 @@ def first_stage(query: str, documents: list[Document], k: int, settings: Setting
 
     `ordered=False` says only the set matters (every candidate gets reranked): when all the
     documents fit in `k` the dense ranking then changes nothing and is skipped. `runtime`
-    holds the embedder and the caches (none: a runtime for this call alone).
+    holds the embedder and the caches (none: no caches, and an embedder built for this
+    call alone, as a new runtime would give).
     """
-    if runtime is None:
-        from adapter.runtime import Runtime
-
-        runtime = Runtime(settings)
-    indexes = runtime.caches
-    embedder = runtime.embedder(settings) if documents else None
+    if runtime is None:  # what a new Runtime would give: empty caches, a new embedder
+        indexes = None
+        embedder = (build_embedder(settings) if documents and settings.embedder.strip()
+                    else None)
+    else:
+        indexes = runtime.caches
+        embedder = runtime.embedder(settings) if documents else None
     if embedder is None:
         return (*recall_matches(query, documents, k, indexes), [])
     if isinstance(embedder, str):
