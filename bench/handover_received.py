@@ -11,12 +11,16 @@ a supervisor or service manager would. Prints the seconds from the kill to the 2
 
     .venv/bin/python bench/handover_received.py                  # B started after the kill
     .venv/bin/python bench/handover_received.py --warm-rescuer   # B already warm at the kill
+    ... --json PATH        # also append this run (timeline, load average) to a JSON list
 
 With `--warm-rescuer`, A's pool is kept warming on purpose (tests/slow_boot_app.py) while B
 starts and warms up; then A is killed: the time is the hand-over plus B's scoring.
 """
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import re
 import shutil
 import sys
@@ -112,6 +116,12 @@ def main() -> int:
             time.sleep(0.5)
         took = time.monotonic() - killed
         print(f"status {done.status_code} {took:.1f} s after the SIGKILL")
+        run = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+               "rescuer": "warm at the kill" if warm_rescuer else "started after the kill",
+               "killed_after_receipt_s": round(killed - received, 1),
+               "unstarted_at_kill": warming, "status": done.status_code,
+               "seconds_to_answer": round(took, 1), "load_average_1m": os.getloadavg()[0],
+               "timeline_s": {}}
         stamp = time.time() - (time.monotonic() - killed)  # the kill, on the wall clock
         for what, pattern in (("worker B consuming", r"ready\."),
                               ("job handed over", r"handed to another worker"),
@@ -121,11 +131,18 @@ def main() -> int:
             found = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+):[^\]]*\] [^\n]*"
                               + pattern, b.log())
             if found:
-                import datetime
                 at = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
                 print(f"  {what}: +{at.timestamp() - stamp:.1f} s")
+                run["timeline_s"][what] = round(at.timestamp() - stamp, 1)
             else:
                 print(f"  {what}: not seen")
+        if "--json" in sys.argv:
+            out = Path(sys.argv[sys.argv.index("--json") + 1])
+            runs = json.loads(out.read_text())["runs"] if out.exists() else []
+            out.write_text(json.dumps({"what": "seconds from SIGKILL of a worker holding a "
+                                               "received, unstarted job to the 200 (issue 16 item 8)",
+                                       "model": "Qwen3-Reranker-0.6B architecture, random weights",
+                                       "runs": runs + [run]}, indent=1) + "\n")
         return 0 if done.status_code == 200 and took < 90 else 1
     finally:
         a.kill()
