@@ -105,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from adapter.jobs.worker import run_worker
+    from adapter.jobs.celery_backend import run_worker
 
     from adapter.jobs.routing import unrouted_tiers
 
@@ -122,7 +122,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          "model_queues for a local directory), or start the worker with "
                          "--model for it")
     if devices:
-        from adapter.jobs.app import make_celery
+        from adapter.jobs.celery_backend import make_celery
         from adapter.jobs.devices import check_cuda_devices, run_device_workers, \
             visible_cuda_count
         from adapter.jobs.routing import worker_queues

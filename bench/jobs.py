@@ -33,11 +33,11 @@ for extra in (ROOT, ROOT / "tests"):
 from adapter.config import Settings, load_settings  # noqa: E402
 from adapter.fhir import make_source  # noqa: E402
 from adapter.jobs import InProcessJobRunner, JobRunner  # noqa: E402
-from adapter.jobs.celery_runner import CeleryJobRunner  # noqa: E402
+from adapter.jobs.celery_backend import CeleryJobRunner  # noqa: E402
 from adapter.models import SearchRequest  # noqa: E402
 from adapter.pipeline import LinkContext, prepare_search  # noqa: E402
 from adapter.jobs.envelope import seal  # noqa: E402
-from adapter.jobs.task import rank_job  # noqa: E402
+from adapter.jobs.work import rank_job  # noqa: E402
 from fixtures_jobs import RedisServer, WorkerPool  # noqa: E402
 from fixtures_model import tiny_checkpoint  # noqa: E402
 

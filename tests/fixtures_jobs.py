@@ -114,7 +114,7 @@ class CeleryWorker:
 
     @property
     def hostname(self) -> str:
-        if self.tiers is not None:  # adapter.jobs.worker.run_worker names itself rerank-<pid>
+        if self.tiers is not None:  # adapter.jobs.celery_backend.run_worker names itself rerank-<pid>
             return f"rerank-{self.proc.pid if self.proc else 0}@{socket.gethostname()}"
         return f"{self.name}@{socket.gethostname()}"
 

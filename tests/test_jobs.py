@@ -19,7 +19,7 @@ from adapter import create_app
 from adapter.identity import caller_identity
 from adapter.config import load_settings
 from adapter.jobs import job_ref
-from adapter.jobs.celery_runner import CeleryJobRunner
+from adapter.jobs.celery_backend import CeleryJobRunner
 from adapter.jobs.envelope import unseal
 from adapter.jobs.heartbeat import job_key
 from fixtures_jobs import comparable_bundle

@@ -180,7 +180,7 @@ def test_a_failed_job_answers_its_operation_outcome(tiny_model_dir, tmp_path):
 def test_only_transient_errors_are_retried():
     from adapter.errors import BadRequest, ModelLoadError
     from adapter.jobs.envelope import PayloadKeyError
-    from adapter.jobs.task import is_transient
+    from adapter.jobs.work import is_transient
 
     class OutOfMemoryError(RuntimeError):  # the name torch.cuda uses
         pass

@@ -43,9 +43,8 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
         "load Flask and the API into workers and the CLI",
     **{("adapter.cli", target): _CLI for target in (
         "adapter.api.params", "adapter.cli_output", "adapter.eval.runner",
-        "adapter.jobs.app", "adapter.jobs.devices", "adapter.jobs.routing",
-        "adapter.jobs.worker", "adapter.pipeline", "adapter.runtime", "adapter.server",
-        "adapter.startup")},
+        "adapter.jobs.celery_backend", "adapter.jobs.devices", "adapter.jobs.routing",
+        "adapter.pipeline", "adapter.runtime", "adapter.server", "adapter.startup")},
     ("adapter.cli", "adapter.rerank.tiny"): _TORCH,
     ("adapter.cli", "adapter.eval.data"): "imported with adapter.eval.runner, beside it",
     ("adapter.interop.context", "adapter.api.app"):
@@ -54,7 +53,7 @@ ALLOWED_LAZY: dict[tuple[str, str], str] = {
     ("adapter.server", "adapter.api.state"): _MULTIPROC,
     ("adapter.server", "adapter.metrics"): _MULTIPROC,
     ("adapter.server", "adapter.startup"): _MULTIPROC,
-    ("adapter.jobs", "adapter.jobs.celery_runner"):
+    ("adapter.jobs", "adapter.jobs.celery_backend"):
         "Celery and redis load only when redis_url is set (without it jobs run in-process)",
     ("adapter.interop.runner", "adapter.rerank.tiny"): _TORCH,
     ("adapter.rerank", "adapter.rerank.qwen3"): _TORCH,
@@ -281,10 +280,68 @@ def test_the_architecture_doc_lists_the_layers():
 # Module-level state that is not a cache: what one process is doing, not a memo of results.
 NOT_CACHES = {
     "adapter.server._booting": "the worker process booting now (its heartbeat while loading)",
-    "adapter.jobs.worker._worker_queues": "the queues this worker consumes",
-    "adapter.jobs.worker._worker_name": "this worker's node name",
-    "adapter.jobs.worker._beat": "this worker's heartbeat thread",
+    "adapter.jobs.celery_backend._worker_queues": "the queues this worker consumes",
+    "adapter.jobs.celery_backend._worker_name": "this worker's node name",
+    "adapter.jobs.celery_backend._beat": "this worker's heartbeat thread",
 }
+
+
+# The only adapter modules that may import Celery (celery, kombu): everything else in
+# adapter.jobs gets what it needs of Celery as plain values or callables.
+CELERY_MODULES = {"adapter.jobs.celery_backend"}
+CELERY_PACKAGES = ("celery", "kombu")
+
+
+def celery_imports() -> dict[str, list[int]]:
+    """{module: [lines]} of every import of celery or kombu in an adapter module: at module
+    level, in a function, under `if TYPE_CHECKING:`, through importlib or __import__."""
+    found: dict[str, list[int]] = {}
+    for mod, path in all_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and node.args and \
+                    isinstance(node.args[0], ast.Constant) and \
+                    getattr(node.func, "attr", getattr(node.func, "id", "")) in \
+                    ("import_module", "__import__"):
+                names = [str(node.args[0].value)]
+            if any(n.split(".")[0] in CELERY_PACKAGES for n in names):
+                found.setdefault(mod, []).append(node.lineno)
+    return found
+
+
+def test_only_the_celery_module_imports_celery():
+    """One module in adapter/ knows Celery: routing, keys, heartbeats, leases, the job body and
+    the runners' base import neither celery nor kombu, anywhere."""
+    found = celery_imports()
+    others = {m: lines for m, lines in found.items() if m not in CELERY_MODULES}
+    assert not others, f"modules besides {sorted(CELERY_MODULES)} importing Celery: {others}"
+    assert set(found) == CELERY_MODULES  # the Celery module is where the list says
+
+
+def test_an_api_without_redis_loads_no_celery(tmp_path):
+    """Without redis_url jobs run in-process: building the app loads neither celery nor kombu
+    (the jobs package loads the Celery module only for redis_url)."""
+    probe = ("import os, sys\nos.environ.pop('FHIR_RERANK_REDIS_URL', None)\n"
+             "from adapter.api.app import create_app\n"
+             "app = create_app({'redis_url': ''})\n"
+             "assert app.extensions['fhir_rerank'].jobs.__class__.__name__ == "
+             "'InProcessJobRunner'\n"
+             "print(' '.join(m for m in ('celery', 'kombu') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == []
+    with_redis = probe.replace("{'redis_url': ''}", "{'redis_url': 'redis://127.0.0.1:1/0', "
+                               f"'state_dir': {str(tmp_path)!r}}}") \
+        .replace("'InProcessJobRunner'", "'CeleryJobRunner'")
+    out = subprocess.run([sys.executable, "-c", with_redis], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["celery", "kombu"]  # the probe sees Celery when it loads
 
 
 def module_caches() -> set[str]:

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from adapter.config import load_settings
-from adapter.jobs.celery_runner import CeleryJobRunner
+from adapter.jobs.celery_backend import CeleryJobRunner
 from adapter.jobs.envelope import ensure_payload_key, seal
 from adapter.jobs.heartbeat import workers_key
 from adapter.api.rerank_jobs import parse_rerank_request

@@ -2,20 +2,21 @@
 
     routing.py        model → tier queue; a worker's --tiers → the queues it consumes
     envelope.py       seal / unseal: what crosses Redis, compressed and encrypted; the kept key
-    work.py           the job body (rank a prepared search or a /v1/rerank call), no Celery
+    work.py           the job body (rank a prepared search or a /v1/rerank call), the scoring
+                      settings a job needs of its worker, which failures are retried
+    heartbeat.py      worker and job heartbeats and leases in Redis; stale jobs handed over
+                      (through a `resend` callable: it knows no Celery)
     runners.py        JobRunner, JobStatus, the in-process runner, job ids and refs
-    celery_runner.py  the runner on Celery + Redis (records, 503s, status, cancel)
-    task.py           the Celery task around the job body
-    app.py            the Celery app factory
-    heartbeat.py      worker and job heartbeats in Redis; stale jobs handed over
-    worker.py         what a worker process runs (`fhir-rerank worker`, `celery -A celery_app`)
+    celery_backend.py the only module that imports celery or kombu: the Celery app, the task,
+                      the worker (`fhir-rerank worker`, `celery -A celery_app`) and the runner
+                      on Celery + Redis (records, 503s, status, cancel)
     devices.py        `fhir-rerank worker --devices`: one supervised worker per GPU
 
 `live_workers(settings) -> {queue: count}` is what the readiness check asks;
 `make_job_runner(settings, runtime)` picks the runner. Imports run one way: routing and
-envelope → heartbeat → work → runners → task → app → celery_runner → this package (which
-loads celery_runner only when redis_url is set); worker.py sits on task, app and heartbeat
-(tests/test_layering.py checks there is no cycle).
+envelope → heartbeat → work → runners → celery_backend → this package (which loads
+celery_backend only when redis_url is set); tests/test_layering.py checks there is no cycle
+and that no other module imports Celery.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def make_job_runner(settings: Settings, runtime: Runtime | None = None) -> JobRu
     `runtime`'s models)."""
     if settings.redis_url:
         # Celery and redis load only here: without redis_url nothing imports them.
-        from adapter.jobs.celery_runner import CeleryJobRunner
+        from adapter.jobs.celery_backend import CeleryJobRunner
 
         return CeleryJobRunner(settings, runtime)
     return InProcessJobRunner(settings, runtime)

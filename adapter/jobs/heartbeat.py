@@ -21,16 +21,19 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from adapter.config import Settings
-from adapter.jobs.routing import TASK_NAME, rerank_queue
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "fhir-rerank:"
 RUNNING_KEY = KEY_PREFIX + "running"
 JOB_KEY_PREFIX = KEY_PREFIX + "job:"
+
+#: Sends a job to a queue again: resend(ref, sealed envelope, model, needs, queue). The
+#: Celery module (adapter.jobs.celery_backend) gives one; nothing here knows Celery.
+Resend = Callable[[str, dict[str, Any], str, "dict[str, Any] | None", str], None]
 
 
 def job_key(ref: str) -> str:
@@ -203,9 +206,10 @@ class JobBeat:
 
 # --- the worker's own heartbeat and the hand-over of stale jobs --------------------------
 
-def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
+def hand_over_stale_jobs(client: Any, resend: Resend, settings: Settings) -> int:
     """Re-send each job whose heartbeat is older than job_stale_after to its queue; returns
-    how many. The ZREM is the claim: of several workers checking, one re-sends a job."""
+    how many (`resend` sends one). The ZREM is the claim: of several workers checking, one
+    re-sends a job."""
     ceiling = time.time() - settings.job_stale_after
     handed = 0
     for ref in client.zrangebyscore(RUNNING_KEY, "-inf", ceiling, start=0, num=50):
@@ -215,29 +219,12 @@ def hand_over_stale_jobs(client: Any, app: Any, settings: Settings) -> int:
         if not record or record.get("finished") or not record.get("envelope"):
             continue  # cancelled, expired or answered meanwhile
         needs = json.loads(record["needs"]) if record.get("needs") else None
-        app.send_task(TASK_NAME, args=[json.loads(record["envelope"]), record["model"]],
-                      kwargs={"needs": needs}, task_id=ref, queue=rerank_queue(record["queue"]),
-                      argsrepr="(<payload>, model)", kwargsrepr="{}")
+        resend(ref, json.loads(record["envelope"]), record["model"], needs, record["queue"])
         handed += 1
     if handed:
         log.warning("%d job(s) stopped making progress (no heartbeat for %.0f s; their worker "
                     "is gone); handed to another worker", handed, settings.job_stale_after)
     return handed
-
-
-def held_job_refs() -> list[str]:
-    """Refs of the rerank jobs this worker (main process) holds: received and waiting for a
-    pool process (the pool may still be loading its model), waiting for a retry, or running.
-    Celery drops a request from `state.requests` once it is done, whatever the outcome."""
-    from celery.worker import state
-
-    for _ in range(3):
-        try:
-            return [req.id for req in list(state.requests.values())
-                    if getattr(req, "name", None) == TASK_NAME and req.id]
-        except RuntimeError:  # changed size while copied (the consumer thread): again
-            continue
-    return []
 
 
 class WorkerBeat:
@@ -248,10 +235,15 @@ class WorkerBeat:
     a job received meanwhile is in `fhir-rerank:running` at once (`hold`) and beaten each
     round, so when the whole worker is killed before the job starts it goes stale and is
     handed over like a running one. The queue heartbeats (what readiness counts) begin once
-    the worker consumes (`consuming()`, at `worker_ready`)."""
+    the worker consumes (`consuming()`, at `worker_ready`).
 
-    def __init__(self, app: Any, settings: Settings, hostname: str, queues: list[str]) -> None:
-        self.app, self.settings, self.hostname, self.queues = app, settings, hostname, queues
+    What it needs of the worker comes in as callables: `held()` lists the refs of the jobs the
+    worker holds, `resend` sends a stale job to its queue again (see Resend)."""
+
+    def __init__(self, resend: Resend, held: Callable[[], list[str]], settings: Settings,
+                 hostname: str, queues: list[str]) -> None:
+        self.resend, self.held = resend, held
+        self.settings, self.hostname, self.queues = settings, hostname, queues
         self.client = _redis(settings)
         self.is_consuming = False
         self._stop = threading.Event()
@@ -259,7 +251,7 @@ class WorkerBeat:
 
     def beat(self) -> None:
         now = time.time()
-        held = held_job_refs()
+        held = self.held()
         with self.client.pipeline() as pipe:
             if self.is_consuming:
                 for queue in self.queues:
@@ -291,7 +283,7 @@ class WorkerBeat:
         while not self._stop.wait(self.settings.job_heartbeat_interval):
             try:
                 self.beat()
-                hand_over_stale_jobs(self.client, self.app, self.settings)
+                hand_over_stale_jobs(self.client, self.resend, self.settings)
             except Exception as exc:  # noqa: BLE001 - Redis down: try again next round
                 log.warning("worker heartbeat failed: %s", type(exc).__name__)
 

@@ -15,14 +15,13 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from kombu import Exchange, Queue
-
 from adapter.config import Settings
 
 TIER_ALIASES = ("0.6B", "4B", "8B")
 QUEUE_PREFIX = "rerank."
 DEFAULT_QUEUE = "rerank.default"
-#: the rerank task's name on the broker (adapter.jobs.task registers it)
+#: the rerank task's name on the broker (adapter.jobs.celery_backend registers it; queued
+#: messages name it, so it must not change)
 TASK_NAME = "adapter.jobs.rerank"
 _HF_TIER = re.compile(r"Qwen/Qwen3-Reranker-(0\.6B|4B|8B)")
 
@@ -116,9 +115,3 @@ def all_queues(settings: Settings) -> list[str]:
     names += [queue_for_model(settings, m) for m in known_models(settings)]
     names += [_tier_queue(e.rpartition("=")[2].strip()) for e in settings.model_queues if "=" in e]
     return list(dict.fromkeys(names))
-
-
-def rerank_queue(name: str) -> Queue:
-    """A queue bound to the default exchange: routing needs no binding key in Redis, so
-    publishing still works right after Redis restarts empty."""
-    return Queue(name, Exchange(""), routing_key=name)

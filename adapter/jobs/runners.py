@@ -3,7 +3,7 @@
 A job has two parts. `prepare` (fetch, flatten, recall) always runs in the API process: it
 holds the caller's Authorization, which never crosses Redis. `rank` (the reranker) runs
 where the runner puts it: `InProcessJobRunner` (a thread pool here; demo, one machine) or
-`CeleryJobRunner` (adapter.jobs.celery_runner, a Celery task on the model tier's queue).
+`CeleryJobRunner` (adapter.jobs.celery_backend, a Celery task on the model tier's queue).
 
 `start(prepare, model, owner)` answers at once with a job id and runs `prepare` in the
 background (`Prefer: respond-async`: the 202 never waits for the upstream); `submit(payload,

@@ -1,15 +1,17 @@
 """What a job does, with or without Celery: score a prepared search (`rank_job` →
 `adapter.pipeline.rank_prepared`) or a `/v1/rerank` call's documents (`run_rerank_payload`)
-with the runtime's reranker, and turn a failure into the job's answer (`job_error`). The
-in-process runner (`adapter.jobs.runners`) and the Celery task (`adapter.jobs.task`) both
-call these.
+with the runtime's reranker, and turn a failure into the job's answer (`job_error`); which
+settings a job needs of its worker (`scoring_settings`, `settings_differ`) and which failures
+are worth a retry (`is_transient`). The in-process runner (`adapter.jobs.runners`) and the
+Celery task (`adapter.jobs.celery_backend`) both call these; nothing here imports Celery.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from adapter.config import Settings
-from adapter.errors import error_answer
+from adapter.errors import ModelLoadError, RerankerUnavailable, error_answer
+from adapter.jobs.envelope import PayloadKeyError
 from adapter.pipeline import rank_prepared, scoring_model
 from adapter.rerank.base import ScoreOptions
 from adapter.rerank.usage import usage_of
@@ -55,3 +57,38 @@ def run_rerank_payload(payload: dict[str, Any], model: str, runtime: Runtime,
                             options=score_options(payload["options"], settings))
     usage = usage_of(result, settings, scoring_model(result, model))
     return {"result": result.to_json(), "usage": usage.to_json()}
+
+
+#: Settings that change what a job's scores are. The API sends its values with each job
+#: (`needs`); a worker whose values differ does not score it (adapter.jobs.celery_backend's
+#: `rerank` task). The device, batch size and CUDA graphs change speed, not the answer, and
+#: may differ per worker.
+SCORING_SETTINGS = ("reranker", "dtype", "max_length", "attention", "instruction",
+                    "long_documents", "max_chunks_per_doc", "overlap_tokens",
+                    "max_tokens_per_call", "remote_url", "remote_model")
+
+
+def scoring_settings(settings: Settings) -> dict[str, Any]:
+    """The values of SCORING_SETTINGS: what a job needs of the worker that scores it."""
+    return {name: getattr(settings, name) for name in SCORING_SETTINGS}
+
+
+def settings_differ(needs: dict[str, Any], settings: Settings) -> list[str]:
+    """The scoring settings whose value here differs from what a job needs, as
+    `name (API x, worker y)`; empty when this worker may score the job."""
+    mine = scoring_settings(settings)
+    out = []
+    for name in SCORING_SETTINGS:
+        if name in needs and needs[name] != mine[name]:
+            shown = (f"API {needs[name]!r:.40}, worker {mine[name]!r:.40}"
+                     if name not in ("instruction", "remote_url") else "values differ")
+            out.append(f"{name} ({shown})")
+    return out
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry with backoff: a model that could not load, a GPU out of memory."""
+    if isinstance(exc, PayloadKeyError):
+        return False
+    return isinstance(exc, (RerankerUnavailable, ModelLoadError)) or \
+        type(exc).__name__ == "OutOfMemoryError"
