@@ -9,6 +9,12 @@ server's own log, never skip.
 
 `make hapi HAPI_PORT=8090` runs the same launcher in the foreground; `HAPI_TEST_SERVER_URL=
 http://127.0.0.1:8090/fhir pytest ...` makes the tests use it instead of starting their own.
+
+With pytest-xdist (`make test` runs two workers), the controller process owns the one HAPI
+server: it launches it as soon as a worker's collection names a test in the `hapi` group
+(conftest puts every test that needs HAPI there, so one worker runs them all) and writes
+`ready <version> <url> <seconds>` (or `error <why>`) to the file named by HAPI_SHARED_FILE,
+which the workers' `wait_ready()` waits for.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ READY = re.compile(r"HAPI FHIR (\S+) ready at (http://\S+/fhir) \(started in ([\
 # 219 Conditions), not every fixture (HAPI indexes each resource for full text: minutes)
 BIG = "79a66c97-6131-3213-f3c9-4606946ab056"
 HAPI_LOAD_PATIENTS = [BIG]
+#: environment variable naming the file through which an xdist controller shares its server
+SHARED_FILE_ENV = "HAPI_SHARED_FILE"
 
 
 def _sources() -> list[Path]:
@@ -91,16 +99,24 @@ class HapiFhirServer:
         self._found: list[re.Match[str]] = []
         self._started_at = 0.0
         self._error: str | None = None
+        self._shared: Path | None = None  # an xdist worker: the controller's server, via a file
+        self.external = False  # HAPI_TEST_SERVER_URL or the controller's: not ours to stop
 
-    def start(self, port: int = 0) -> None:
+    def start(self, port: int = 0, owner: bool = False) -> None:
         """Launch in the background and return at once; `wait_ready()` blocks. With
-        HAPI_TEST_SERVER_URL set (a `make hapi` server already running), use that instead."""
-        if self._process is not None or self.base_url is not None:
+        HAPI_TEST_SERVER_URL set (a `make hapi` server already running), use that instead; in
+        an xdist worker (HAPI_SHARED_FILE set), the controller's (`owner`: the controller)."""
+        if self._process is not None or self.base_url is not None or self._shared is not None:
             return
         if os.environ.get("HAPI_TEST_SERVER_URL"):
+            self.external = True
             self.base_url = os.environ["HAPI_TEST_SERVER_URL"].rstrip("/")
             self.version = requests.get(f"{self.base_url}/metadata", timeout=HTTP_TIMEOUT_S,
                                         headers={"Accept": "application/fhir+json"}).json()["software"]["version"]
+            return
+        if os.environ.get(SHARED_FILE_ENV) and not owner:
+            self._shared, self.external = Path(os.environ[SHARED_FILE_ENV]), True
+            self._started_at = time.monotonic()
             return
         self._started_at = time.monotonic()
         try:
@@ -133,10 +149,12 @@ class HapiFhirServer:
         """Block until HAPI answers (or raise with its log); returns the base URL."""
         if self.base_url is not None:
             return self.base_url
-        if self._process is None and self._error is None:
+        if self._process is None and self._error is None and self._shared is None:
             self.start()
             if self.base_url is not None:  # HAPI_TEST_SERVER_URL
                 return self.base_url
+        if self._shared is not None:
+            return self._wait_shared()
         waited_from = time.monotonic()
         remaining = START_TIMEOUT_S - (waited_from - self._started_at)
         self._ready.wait(max(remaining, MIN_WAIT_S))
@@ -160,6 +178,43 @@ class HapiFhirServer:
                  self.version, self.start_seconds, self.wait_seconds)
         return self.base_url
 
+    def _wait_shared(self) -> str:
+        """An xdist worker: wait for the controller's line in the shared file."""
+        deadline = time.monotonic() + max(START_TIMEOUT_S, MIN_WAIT_S) + 60
+        assert self._shared is not None
+        while not self._shared.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the HAPI test server was not ready in time: the pytest-xdist "
+                                   f"controller wrote nothing to {self._shared}")
+            time.sleep(0.5)
+        state, _, rest = self._shared.read_text().partition(" ")
+        if state != "ready":
+            self._error = rest
+            raise RuntimeError(rest)
+        self.version, self.base_url, seconds = rest.split()
+        self.start_seconds = float(seconds)
+        self.wait_seconds = time.monotonic() - self._started_at
+        return self.base_url
+
+    def share(self, path: Path) -> None:
+        """The xdist controller: launch (as the owner), and write the outcome to `path` once
+        known (`ready <version> <url> <seconds>` or `error <why>`), from a background thread."""
+        if self._process is not None or self._error is not None:
+            return
+        self.start(owner=True)
+
+        def wait_and_write() -> None:
+            try:
+                self.wait_ready()
+                line = f"ready {self.version} {self.base_url} {self.start_seconds}"
+            except RuntimeError as exc:
+                line = f"error {exc}"
+            staging = path.with_suffix(".writing")
+            staging.write_text(line)
+            os.replace(staging, path)
+
+        threading.Thread(target=wait_and_write, daemon=True).start()
+
     def server_log(self) -> str:
         if self._log is None or self._log.closed:
             return ""
@@ -174,7 +229,7 @@ class HapiFhirServer:
 
     def stop(self) -> None:
         """SIGTERM (Spring closes HAPI cleanly), SIGKILL after 30 s."""
-        if self._process is None and os.environ.get("HAPI_TEST_SERVER_URL"):
+        if self.external:
             return  # not ours to stop
         if self._process is not None:
             if self._process.poll() is None:
@@ -266,9 +321,14 @@ HAPI = HapiFhirServer()
 
 def start_early(items: list[pytest.Item]) -> None:
     """Called from conftest once collection is done: launch HAPI in the background when a
-    collected test uses it, so its minute of JVM start overlaps the rest of the suite."""
-    if any(needs_hapi(item) for item in items):
+    collected test uses it, so its minute of JVM start overlaps the rest of the suite (in an
+    xdist worker, the controller launches it: see `share`)."""
+    if any(needs_hapi(item) for item in items) and not os.environ.get(SHARED_FILE_ENV):
         HAPI.start()
+
+
+#: the xdist_group of every test that needs HAPI (conftest): one worker runs them all
+GROUP = "hapi"
 
 
 def needs_hapi(item: pytest.Item) -> bool:

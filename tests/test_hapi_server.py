@@ -20,7 +20,7 @@ def test_a_taken_port_fails_at_once_with_the_reason():
         port = taken.getsockname()[1]
         server = HapiFhirServer()
         started = time.monotonic()
-        server.start(port=port)
+        server.start(port=port, owner=True)  # its own JVM, also under xdist
         with pytest.raises(RuntimeError) as failed:
             server.wait_ready()
     assert time.monotonic() - started < 60  # not HAPI's minute of start-up, nor the timeout

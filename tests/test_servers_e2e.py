@@ -85,7 +85,7 @@ def test_search_flatten_bm25_bundle(upstream):
     assert len(matches(notes)) == 3
 
 
-def test_both_servers_give_the_same_ranking(fhir, hapi_fhir):
+def test_both_servers_give_the_same_ranking_node_and_hapi(fhir, hapi_fhir):
     """Same data under the same ids: the adapter's answer must not depend on the server."""
     for url in (f"/fhir/Condition?patient={BIG}&_content=sinusitis%20chronic&_count=20",
                 f"/fhir/DocumentReference?patient={BIG}&_content=kidney%20anxiety&_count=20",
