@@ -9,6 +9,9 @@ PORT ?= 8080
 HAPI_PORT ?= 8090
 HAPI_JAR := tests/hapi/target/hapi-test-server.jar
 DEMO_PATIENT := 79a66c97-6131-3213-f3c9-4606946ab056
+# two pytest-xdist workers on the 2-core machine: most tests wait on a server or a worker process
+# much of the time. A module's tests stay on one worker; the HAPI tests share one (conftest).
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 # The demo looks for Qwen3 weights in the local Hugging Face cache only (no hub retries when
 # offline); `make demo HF_HUB_OFFLINE=0` lets transformers download them.
@@ -64,7 +67,7 @@ demo: setup
 	  $(VENV)/bin/fhir-rerank serve --port $(PORT)
 
 test: setup node redis browser hapi-jar
-	SMART_APP_BROWSER=required $(PY) -m pytest $(PYTEST_ARGS)
+	SMART_APP_BROWSER=required $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup node
 	$(PY) bench/e2e.py
