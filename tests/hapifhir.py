@@ -11,8 +11,9 @@ server's own log, never skip.
 http://127.0.0.1:8090/fhir pytest ...` makes the tests use it instead of starting their own.
 
 With pytest-xdist (`make test` runs two workers), the controller process owns the one HAPI
-server: it launches it as soon as a worker's collection names a test in the `hapi` group
-(conftest puts every test that needs HAPI there, so one worker runs them all) and writes
+server: it launches it as soon as a worker's collection names a test whose id says `hapi`
+(conftest's scheduler sends all of those to one worker, and refuses a test that needs HAPI
+without `hapi` in its id) and writes
 `ready <version> <url> <seconds>` (or `error <why>`) to the file named by HAPI_SHARED_FILE,
 which the workers' `wait_ready()` waits for.
 """
@@ -327,7 +328,7 @@ def start_early(items: list[pytest.Item]) -> None:
         HAPI.start()
 
 
-#: the xdist_group of every test that needs HAPI (conftest): one worker runs them all
+#: what the id of every test that needs HAPI says (conftest's xdist scheduler: one worker)
 GROUP = "hapi"
 
 
